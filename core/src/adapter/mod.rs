@@ -1,0 +1,147 @@
+//! Adapters: the small trainable pieces a recipe adds to a frozen backbone.
+pub mod soft_tokens;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::site::{ContextTokens, SiteHook, SiteInfo};
+use crate::{Error, Result};
+
+/// Which tokens a forward uses: a named set (`None`: the adapter's first set) and whether the
+/// EMA copy stands in for the online parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct TokenSelection {
+    pub set: Option<String>,
+    #[serde(default)]
+    pub ema: bool,
+}
+
+impl TokenSelection {
+    pub fn online(set: &str) -> Self {
+        Self {
+            set: Some(set.to_string()),
+            ema: false,
+        }
+    }
+    pub fn ema(set: &str) -> Self {
+        Self {
+            set: Some(set.to_string()),
+            ema: true,
+        }
+    }
+}
+
+pub trait Adapter: Send {
+    fn kind(&self) -> &'static str;
+    /// Online parameters (fp32, requires_grad), named `{set}.{tensor}`.
+    fn trainable(&self) -> Vec<(String, Tensor)>;
+    /// Everything a checkpoint holds (online and EMA tensors).
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restores `state()`; a missing, extra or mis-shaped tensor is an error naming it.
+    fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()>;
+    /// Moves every EMA copy towards its online tensor: ema = decay * ema + (1 - decay) * online.
+    fn update_ema(&self, decay: f64);
+    fn has_ema(&self) -> bool;
+    fn token_sets(&self) -> Vec<String>;
+    /// Metadata written into the adapter file (kind, sites, shapes, ...).
+    fn metadata(&self) -> BTreeMap<String, String>;
+    fn context_tokens(
+        &self,
+        site: &SiteInfo,
+        t: &Tensor,
+        batch: i64,
+        sel: &TokenSelection,
+    ) -> Result<Option<ContextTokens>>;
+}
+
+/// The adapters of a run with one token selection: what a backbone forward calls at its sites.
+pub struct Injection<'a> {
+    pub adapters: &'a [Box<dyn Adapter>],
+    pub selection: TokenSelection,
+}
+
+impl SiteHook for Injection<'_> {
+    fn context_tokens(
+        &self,
+        site: &SiteInfo,
+        t: &Tensor,
+        batch: i64,
+    ) -> Result<Option<ContextTokens>> {
+        let mut found: Option<ContextTokens> = None;
+        for a in self.adapters {
+            let Some(ct) = a.context_tokens(site, t, batch, &self.selection)? else {
+                continue;
+            };
+            found = Some(match found {
+                None => ct,
+                Some(prev)
+                    if prev.space == ct.space && prev.offset.is_none() && ct.offset.is_none() =>
+                {
+                    ContextTokens {
+                        tokens: Tensor::cat(&[prev.tokens, ct.tokens], 1),
+                        space: ct.space,
+                        offset: None,
+                    }
+                }
+                Some(_) => {
+                    return Err(Error::invalid(format!(
+                        "site `{}`: two adapters give tokens there; they can only be stacked when \
+                         both live in the same space without a time table",
+                        site.name
+                    )))
+                }
+            });
+        }
+        Ok(found)
+    }
+}
+
+/// Reads an adapter file of one kind (registered per kind in [`ADAPTER_LOADERS`]).
+pub struct AdapterLoader {
+    pub kind: &'static str,
+    pub load: fn(
+        &std::path::Path,
+        &crate::backbone::BackboneInfo,
+        tch::Device,
+    ) -> Result<Box<dyn Adapter>>,
+}
+
+#[linkme::distributed_slice]
+pub static ADAPTER_LOADERS: [AdapterLoader];
+
+#[linkme::distributed_slice(ADAPTER_LOADERS)]
+static SOFT_TOKENS_LOADER: AdapterLoader = AdapterLoader {
+    kind: soft_tokens::KIND,
+    load: |p, info, dev| Ok(Box::new(soft_tokens::SoftTokens::load(p, info, dev)?)),
+};
+
+/// Writes an adapter's tensors and metadata (its own plus `extra`: step, recipe hash, ...)
+/// atomically to a safetensors file.
+pub fn save_adapter(
+    path: &std::path::Path,
+    adapter: &dyn Adapter,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut meta = adapter.metadata();
+    meta.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+    crate::tensors::save_safetensors(path, &adapter.state(), &meta)
+}
+
+/// Loads an adapter file of any registered kind for `backbone`.
+pub fn load_adapter(
+    path: &std::path::Path,
+    backbone: &crate::backbone::BackboneInfo,
+    device: tch::Device,
+) -> Result<Box<dyn Adapter>> {
+    let meta = crate::tensors::MappedSafetensors::open(path)?.metadata()?;
+    let kind = meta
+        .get("adapter")
+        .ok_or_else(|| Error::file(path, "no `adapter` metadata: not a softalign adapter file"))?;
+    let loader = ADAPTER_LOADERS
+        .iter()
+        .find(|l| l.kind == kind)
+        .ok_or_else(|| Error::file(path, format!("unknown adapter kind `{kind}`")))?;
+    (loader.load)(path, backbone, device)
+}

@@ -1,0 +1,142 @@
+//! The denoiser a recipe trains adapters for. Concrete models live in `softalign-backbones`.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::site::{SiteHook, SiteInfo};
+use crate::{Error, Result};
+
+/// What the network's output means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The added noise (DDPM epsilon).
+    Epsilon,
+    /// DDPM v = alpha_t eps - sigma_t x0.
+    VPrediction,
+    /// Flow-matching velocity eps - x0.
+    Velocity,
+}
+
+/// How training noises x0 and what the network regresses to. Timesteps are per-sample float
+/// tensors (B,) on the model's 0..1000 scale (SD3: sigma * 1000; DDPM: the integer step).
+pub trait NoiseProcess: Send + Sync {
+    fn add_noise(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor;
+    fn target(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor;
+    /// Draws `n` training timesteps with torch's global generator (seeded by the trainer).
+    fn sample_timesteps(&self, n: i64, device: Device) -> Tensor;
+}
+
+/// Text conditioning, named as the backbone's forward arguments (`encoder_hidden_states`,
+/// `pooled_projections`, ...), batch first.
+#[derive(Debug, Default)]
+pub struct Conditioning(pub BTreeMap<String, Tensor>);
+
+impl Conditioning {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn with(mut self, name: &str, t: Tensor) -> Self {
+        self.0.insert(name.to_string(), t);
+        self
+    }
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.0.get(name).ok_or_else(|| {
+            let have: Vec<&str> = self.0.keys().map(String::as_str).collect();
+            Error::tensor(
+                name,
+                format!("missing from the conditioning (have: {})", have.join(", ")),
+            )
+        })
+    }
+    pub fn batch(&self) -> Result<i64> {
+        let mut sizes = self
+            .0
+            .iter()
+            .map(|(n, t)| (n, t.size().first().copied().unwrap_or(0)));
+        let Some((_, b)) = sizes.next() else {
+            return Err(Error::invalid("empty conditioning"));
+        };
+        for (n, s) in sizes {
+            if s != b {
+                return Err(Error::tensor(
+                    n,
+                    format!("batch {s} differs from the other conditioning tensors ({b})"),
+                ));
+            }
+        }
+        Ok(b)
+    }
+    /// Rows `idx` (an Int64 tensor) of every tensor.
+    pub fn index_select(&self, idx: &Tensor) -> Conditioning {
+        Conditioning(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.index_select(0, &idx.to_device(v.device()))))
+                .collect(),
+        )
+    }
+    pub fn to(&self, device: Device, kind: Kind) -> Conditioning {
+        Conditioning(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    let v = v.to_device(device);
+                    let v = if v.is_floating_point() {
+                        v.to_kind(kind)
+                    } else {
+                        v
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        )
+    }
+    pub fn shallow_clone(&self) -> Conditioning {
+        Conditioning(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+        )
+    }
+}
+
+/// What a recipe can know about a backbone without loading weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackboneInfo {
+    pub kind: String,
+    pub prediction: Prediction,
+    pub sites: Vec<SiteInfo>,
+    /// Names of the conditioning tensors the forward takes.
+    pub conditioning: Vec<String>,
+}
+
+pub trait Backbone: Send {
+    fn info(&self) -> &BackboneInfo;
+    fn noise(&self) -> &dyn NoiseProcess;
+    /// `x_t` (B, C, H, W), `t` (B,) float model timesteps; adapters act through `hook`.
+    fn forward(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Conditioning,
+        hook: Option<&dyn SiteHook>,
+    ) -> Result<Tensor>;
+    /// The model's own weights, named as in the checkpoint. Frozen unless the trainer runs in
+    /// full-parameter mode.
+    fn var_store(&self) -> &tch::nn::VarStore;
+    fn var_store_mut(&mut self) -> &mut tch::nn::VarStore;
+    fn device(&self) -> Device {
+        self.var_store().device()
+    }
+    /// Writes the weights as a diffusers-style folder (config.json + safetensors), where the
+    /// backbone supports it (full-parameter training saves its result this way).
+    fn save_pretrained(&self, _dir: &std::path::Path) -> Result<()> {
+        Err(Error::invalid(format!(
+            "backbone `{}` cannot save its weights",
+            self.info().kind
+        )))
+    }
+}

@@ -1,0 +1,68 @@
+//! Loss terms. An objective declares the predictions it needs; the step context computes each
+//! distinct prediction once and shares it between objectives (see `softalign-objectives`).
+use tch::Tensor;
+
+use crate::adapter::TokenSelection;
+use crate::Result;
+
+/// Which (image, caption) pairs of the B x B cross an objective needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pairs {
+    /// (i, i): each image with its own caption.
+    Diagonal,
+    /// (i, j), i != j.
+    OffDiagonal,
+    All,
+}
+
+impl Pairs {
+    pub fn contains(self, image: i64, caption: i64) -> bool {
+        match self {
+            Pairs::Diagonal => image == caption,
+            Pairs::OffDiagonal => image != caption,
+            Pairs::All => true,
+        }
+    }
+}
+
+/// One prediction an objective asks for. `grad`: whether gradients flow to the adapter
+/// through it (EMA predictions never carry gradients).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PredictionRequest {
+    pub pairs: Pairs,
+    pub tokens: TokenSelection,
+    pub grad: bool,
+}
+
+/// What an objective sees of a training step: B images, each noised with the step's shared
+/// timestep and noise, crossed with the B captions (caption i belongs to image i).
+pub trait StepView {
+    fn images(&self) -> i64;
+    /// Clean latents (B, C, H, W).
+    fn x0(&self) -> &Tensor;
+    /// The noise of each image (B, C, H, W).
+    fn noise(&self) -> &Tensor;
+    /// Model timestep per image (B,).
+    fn timestep(&self) -> &Tensor;
+    /// The training target of each image (B, C, H, W): epsilon, v, or eps - x0.
+    fn target(&self) -> &Tensor;
+    /// Predictions for the selection, (B images, B captions, C, H, W). Only the pairs some
+    /// request with this selection asked for hold values; the others are zero.
+    fn predictions(&self, tokens: &TokenSelection, grad: bool) -> Result<Tensor>;
+}
+
+/// A named scalar a loss reports.
+pub struct Term {
+    pub name: String,
+    pub value: Tensor,
+}
+
+pub trait Objective: Send {
+    /// The recipe name of this term (`softrepa_contrastive`, `dsm`, ...).
+    fn name(&self) -> &str;
+    fn weight(&self) -> f64;
+    fn requests(&self) -> Vec<PredictionRequest>;
+    /// The first term is the objective's loss (weighted into the total); further terms are
+    /// diagnostics, logged but not optimised.
+    fn terms(&self, step: &dyn StepView) -> Result<Vec<Term>>;
+}

@@ -1,0 +1,31 @@
+//! Samplers turn noise into images with a backbone, its adapters and classifier-free guidance.
+use tch::Tensor;
+
+use crate::adapter::{Adapter, TokenSelection};
+use crate::backbone::{Backbone, Conditioning};
+use crate::Result;
+
+/// Which tokens each guidance branch uses. `None` runs that branch without adapters.
+/// SoftREPA puts its tokens in both branches; AGSM the positive set in both.
+#[derive(Debug, Clone)]
+pub struct Guidance {
+    pub scale: f64,
+    pub cond_tokens: Option<TokenSelection>,
+    pub uncond_tokens: Option<TokenSelection>,
+}
+
+pub struct SampleRequest<'a> {
+    pub backbone: &'a dyn Backbone,
+    pub adapters: &'a [Box<dyn Adapter>],
+    /// Initial noise (B, C, H, W); seeds live with whoever drew it.
+    pub noise: Tensor,
+    pub cond: &'a Conditioning,
+    pub uncond: Option<&'a Conditioning>,
+    pub guidance: Guidance,
+    pub progress: bool,
+}
+
+pub trait Sampler: Send {
+    fn name(&self) -> &str;
+    fn sample(&self, req: SampleRequest<'_>) -> Result<Tensor>;
+}

@@ -1,0 +1,175 @@
+//! Safetensors in and out. Reading memory-maps the file and converts tensor by tensor, so a
+//! checkpoint never sits twice in host memory (tch's `read_safetensors` reads it whole).
+//! Writing goes to a temporary file that is renamed into place: a crash never leaves a
+//! half-written file under the final name.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+/// A memory-mapped safetensors file.
+pub struct MappedSafetensors {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+impl MappedSafetensors {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::File::open(&path).map_err(|e| Error::file(&path, e))?;
+        // SAFETY: the map is read-only; a file truncated underneath us by another process is
+        // outside what any reader can defend against.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(&path, e))?;
+        SafeTensors::deserialize(&mmap)
+            .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+        Ok(Self { path, mmap })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.mmap).expect("validated in open")
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.st().names().into_iter().map(String::from).collect();
+        v.sort();
+        v
+    }
+
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| Error::file(&self.path, format!("bad header: {e}")))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    pub fn shape(&self, name: &str) -> Result<Vec<i64>> {
+        let view = self.view(name)?;
+        Ok(view.shape().iter().map(|&d| d as i64).collect())
+    }
+
+    fn view(&self, name: &str) -> Result<TensorView<'_>> {
+        self.st()
+            .tensor(name)
+            .map_err(|e| Error::file(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// Copies one tensor out of the map (on the CPU, in the file's dtype).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let view = self.view(name)?;
+        view_to_tensor(&view).map_err(|e| Error::file(&self.path, format!("tensor `{name}`: {e}")))
+    }
+
+    /// Every tensor of the file, by name.
+    pub fn all(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.names()
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.tensor(&n)?)))
+            .collect()
+    }
+}
+
+fn st_kind(dtype: StDtype) -> Result<Kind> {
+    Ok(match dtype {
+        StDtype::F32 => Kind::Float,
+        StDtype::F64 => Kind::Double,
+        StDtype::F16 => Kind::Half,
+        StDtype::BF16 => Kind::BFloat16,
+        StDtype::I64 => Kind::Int64,
+        StDtype::I32 => Kind::Int,
+        StDtype::I16 => Kind::Int16,
+        StDtype::I8 => Kind::Int8,
+        StDtype::U8 => Kind::Uint8,
+        StDtype::BOOL => Kind::Bool,
+        other => return Err(Error::invalid(format!("unsupported dtype {other:?}"))),
+    })
+}
+
+fn kind_st(kind: Kind) -> Result<StDtype> {
+    Ok(match kind {
+        Kind::Float => StDtype::F32,
+        Kind::Double => StDtype::F64,
+        Kind::Half => StDtype::F16,
+        Kind::BFloat16 => StDtype::BF16,
+        Kind::Int64 => StDtype::I64,
+        Kind::Int => StDtype::I32,
+        Kind::Int16 => StDtype::I16,
+        Kind::Int8 => StDtype::I8,
+        Kind::Uint8 => StDtype::U8,
+        Kind::Bool => StDtype::BOOL,
+        other => {
+            return Err(Error::invalid(format!(
+                "cannot store dtype {other:?} in safetensors"
+            )))
+        }
+    })
+}
+
+fn view_to_tensor(view: &TensorView<'_>) -> Result<Tensor> {
+    let kind = st_kind(view.dtype())?;
+    let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?)
+}
+
+/// Writes tensors (any device; copied to the CPU) and string metadata atomically.
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let dtype = kind_st(t.kind()).map_err(|e| Error::tensor(name, e))?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        if numel > 0 {
+            t.f_copy_data_u8(&mut bytes, numel)?;
+        }
+        owned.push((name.clone(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::tensor(n, e))
+        })
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let bytes = safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::file(path, format!("serialising: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes a file through a sibling temporary and a rename, so readers see the old or the new
+/// content, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::file(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::file(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+}

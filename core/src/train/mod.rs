@@ -1,0 +1,3 @@
+//! Trainer.
+pub mod config;
+pub use config::TrainConfig;
