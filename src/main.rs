@@ -1,1 +1,41 @@
-fn main() {}
+//! The `softalign` command line.
+use clap::{Parser, Subcommand};
+
+// Plugin crates must be linked for their typetag impls and catalogue entries to exist; the
+// binary never names most of their items, so force the link.
+extern crate softalign_backbones;
+extern crate softalign_objectives;
+
+mod cli;
+
+#[derive(Parser)]
+#[command(
+    name = "softalign",
+    version,
+    about = "Align text-to-image diffusion models with soft tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List every plugin a recipe can name, grouped by kind.
+    List(cli::list::Args),
+    /// Recipe tools.
+    #[command(subcommand)]
+    Recipe(cli::recipe::Command),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::List(a) => cli::list::run(a),
+        Command::Recipe(c) => cli::recipe::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
