@@ -100,17 +100,21 @@ impl TrainTask for ToyTask {
         let x = Tensor::randn([6, 8], opts);
         let t = Tensor::randint(5, [6], (Kind::Int64, Device::Cpu));
         let target = Tensor::randn([6, 4], opts);
-        let h = x + self.tokens.mean_dim(0, true, Kind::Float) + self.time_table.index_select(0, &t);
+        let h =
+            x + self.tokens.mean_dim(0, true, Kind::Float) + self.time_table.index_select(0, &t);
         let y = self.mlp.forward(&h).matmul(&self.head);
         let mse = (y - target).square().mean(Kind::Float);
         let reg = self.tokens.square().mean(Kind::Float) * 0.01;
         let mut loss = &mse + &reg;
         if self.nan_loss_steps.contains(&m.step) {
-            loss = loss * f64::NAN;
+            loss *= f64::NAN;
         }
         if self.nan_grad_steps.contains(&m.step) {
             // Value 0, gradient 0 * inf = NaN.
-            loss = loss + (&self.head - self.head.detach()).abs().sqrt().sum(Kind::Float);
+            loss += (&self.head - self.head.detach())
+                .abs()
+                .sqrt()
+                .sum(Kind::Float);
         }
         (&loss * m.loss_scale).backward();
         Ok(BTreeMap::from([
@@ -121,7 +125,8 @@ impl TrainTask for ToyTask {
     }
     fn after_step(&mut self, _step: u64) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        self.token_ema.copy_(&(&self.token_ema * 0.5 + self.tokens.detach() * 0.5));
+        self.token_ema
+            .copy_(&(&self.token_ema * 0.5 + self.tokens.detach() * 0.5));
         let _ = self.steps_seen.f_add_scalar_(1)?;
         Ok(())
     }
@@ -151,7 +156,15 @@ fn config(steps: u64) -> TrainConfig {
         "#
     ))
     .unwrap();
-    assert_eq!(cfg.schedule, Schedule::WarmRestarts { t_0: 2, t_mult: 2, eta_min: 0.001, every: 2 });
+    assert_eq!(
+        cfg.schedule,
+        Schedule::WarmRestarts {
+            t_0: 2,
+            t_mult: 2,
+            eta_min: 0.001,
+            every: 2
+        }
+    );
     assert!(cfg.ema.is_some() && cfg.grad_clip.is_some());
     cfg
 }
@@ -213,7 +226,13 @@ fn resume_after_sigkill_is_bit_identical() {
     let cfg = config(12);
 
     let t0 = Instant::now();
-    let summary = train(&cfg, &quiet_logging(), options(&straight), &mut ToyTask::new()).unwrap();
+    let summary = train(
+        &cfg,
+        &quiet_logging(),
+        options(&straight),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     eprintln!("straight 12-step run: {:.2}s", t0.elapsed().as_secs_f64());
     assert_eq!(summary.steps, 12);
     assert_eq!(summary.skipped_steps, 0);
@@ -222,7 +241,12 @@ fn resume_after_sigkill_is_bit_identical() {
     // and 8 ran past the last checkpoint and are lost with the process.
     std::fs::create_dir_all(&resumed).unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_interrupted_run", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            "child_interrupted_run",
+            "--ignored",
+            "--nocapture",
+        ])
         .env(ENV_RUN_DIR, &resumed)
         .env(ENV_BLOCK_AT, "8")
         .stdout(std::process::Stdio::null())
@@ -242,7 +266,10 @@ fn resume_after_sigkill_is_bit_identical() {
     assert_eq!(status.signal(), Some(9), "{status}");
     let latest = checkpoint::latest(&resumed).unwrap().unwrap();
     assert_eq!(latest.file_name().unwrap(), "step-00000006");
-    let logged: Vec<u64> = metrics(&resumed).iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    let logged: Vec<u64> = metrics(&resumed)
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
     assert_eq!(logged, (1..=8).collect::<Vec<_>>());
 
     let mut opts = options(&resumed);
@@ -257,12 +284,23 @@ fn resume_after_sigkill_is_bit_identical() {
         assert!(a == b, "{file} differs after resume");
     }
     let last = "checkpoints/step-00000012";
-    for file in ["optimizer.safetensors", "ema.safetensors", "extra_state.safetensors", "params.safetensors"] {
+    for file in [
+        "optimizer.safetensors",
+        "ema.safetensors",
+        "extra_state.safetensors",
+        "params.safetensors",
+    ] {
         let a = tensor_bytes(&straight.join(last).join(file));
-        assert!(a == tensor_bytes(&resumed.join(last).join(file)), "{file} differs after resume");
+        assert!(
+            a == tensor_bytes(&resumed.join(last).join(file)),
+            "{file} differs after resume"
+        );
     }
     // EMA export differs from the plain one (the EMA really is an average).
-    assert!(tensor_bytes(&straight.join("final/adapter.safetensors")) != tensor_bytes(&straight.join("final-ema/adapter.safetensors")));
+    assert!(
+        tensor_bytes(&straight.join("final/adapter.safetensors"))
+            != tensor_bytes(&straight.join("final-ema/adapter.safetensors"))
+    );
 
     // metrics.jsonl reads as one uninterrupted run, with the same losses.
     let (ma, mb) = (metrics(&straight), metrics(&resumed));
@@ -277,7 +315,10 @@ fn resume_after_sigkill_is_bit_identical() {
     assert!(ma.iter().any(|v| v["grad_norm"].as_f64().unwrap() > 0.5));
     let lrs: Vec<f64> = ma.iter().map(|v| v["lr"].as_f64().unwrap()).collect();
     assert_eq!(lrs[0], 0.025); // warm-up 1/2
-    assert!(lrs.windows(2).any(|w| w[1] < w[0]) && lrs.windows(2).any(|w| w[1] > w[0]), "{lrs:?}");
+    assert!(
+        lrs.windows(2).any(|w| w[1] < w[0]) && lrs.windows(2).any(|w| w[1] > w[0]),
+        "{lrs:?}"
+    );
 
     // Rotation: the newest two checkpoints plus `latest`, nothing partial.
     let mut names: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
@@ -299,16 +340,29 @@ fn resume_refuses_another_seed_and_names_the_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(3);
     cfg.checkpoint = CheckpointConfig { every: 1, keep: 1 };
-    train(&cfg, &quiet_logging(), options(tmp.path()), &mut ToyTask::new()).unwrap();
+    train(
+        &cfg,
+        &quiet_logging(),
+        options(tmp.path()),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     let mut opts = options(tmp.path());
     opts.seed = SEED + 1;
     opts.resume = Some(ResumeFrom::Latest);
-    let err = train(&cfg, &quiet_logging(), opts, &mut ToyTask::new()).unwrap_err().to_string();
-    assert!(err.contains("step-00000003") && err.contains("seed"), "{err}");
+    let err = train(&cfg, &quiet_logging(), opts, &mut ToyTask::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("step-00000003") && err.contains("seed"),
+        "{err}"
+    );
     let mut opts = options(tmp.path());
     opts.recipe = serde_json::json!({"changed": true});
     opts.resume = Some(ResumeFrom::Latest);
-    let err = train(&cfg, &quiet_logging(), opts, &mut ToyTask::new()).unwrap_err().to_string();
+    let err = train(&cfg, &quiet_logging(), opts, &mut ToyTask::new())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("different recipe"), "{err}");
 }
 
@@ -321,10 +375,18 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let mut task = ToyTask::new();
     task.nan_loss_steps = vec![1];
     task.nan_grad_steps = vec![2];
-    let before: Vec<Tensor> = task.parameters().iter().map(|(_, p)| p.detach().copy()).collect();
+    let before: Vec<Tensor> = task
+        .parameters()
+        .iter()
+        .map(|(_, p)| p.detach().copy())
+        .collect();
     let summary = train(&cfg, &quiet_logging(), options(tmp.path()), &mut task).unwrap();
     assert_eq!(summary.skipped_steps, 2);
-    assert_eq!(task.steps_seen.int64_value(&[0]), 4, "after_step runs for good steps only");
+    assert_eq!(
+        task.steps_seen.int64_value(&[0]),
+        4,
+        "after_step runs for good steps only"
+    );
     let m = metrics(tmp.path());
     let skipped: Vec<u64> = m
         .iter()
@@ -333,7 +395,10 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
         .collect();
     assert_eq!(skipped, [2, 3]);
     assert!(m[1]["loss"].is_null(), "NaN loss logged as null");
-    assert!(m[2]["grad_norm"].is_null(), "NaN gradient norm logged as null");
+    assert!(
+        m[2]["grad_norm"].is_null(),
+        "NaN gradient norm logged as null"
+    );
     for (b, (_, p)) in before.iter().zip(task.parameters()) {
         assert!(!b.equal(&p), "good steps still trained");
     }
@@ -342,10 +407,19 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let mut task = ToyTask::new();
     task.nan_loss_steps = vec![2, 3, 4, 5];
-    let err = train(&cfg, &quiet_logging(), options(tmp.path()), &mut task).unwrap_err().to_string();
-    assert!(err.contains("3 consecutive") && err.contains("step 5"), "{err}");
+    let err = train(&cfg, &quiet_logging(), options(tmp.path()), &mut task)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3 consecutive") && err.contains("step 5"),
+        "{err}"
+    );
     assert!(!tmp.path().join("final").exists());
-    assert_eq!(metrics(tmp.path()).len(), 5, "every step up to the failure is logged");
+    assert_eq!(
+        metrics(tmp.path()).len(),
+        5,
+        "every step up to the failure is logged"
+    );
 }
 
 #[test]
@@ -353,16 +427,38 @@ fn metrics_jsonl_holds_every_term_at_the_logging_interval() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(5);
     cfg.log_every = 2;
-    train(&cfg, &quiet_logging(), options(tmp.path()), &mut ToyTask::new()).unwrap();
+    train(
+        &cfg,
+        &quiet_logging(),
+        options(tmp.path()),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
     let m = metrics(tmp.path());
     let steps: Vec<u64> = m.iter().map(|v| v["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [2, 4, 5], "every 2nd step and the last");
     for v in &m {
-        for key in ["loss", "mse", "reg", "lr", "lr/group1", "grad_norm", "step_time_s", "skipped"] {
+        for key in [
+            "loss",
+            "mse",
+            "reg",
+            "lr",
+            "lr/group1",
+            "grad_norm",
+            "step_time_s",
+            "skipped",
+        ] {
             assert!(v[key].is_number(), "{key} missing in {v}");
         }
-        let (loss, mse, reg) = (v["loss"].as_f64().unwrap(), v["mse"].as_f64().unwrap(), v["reg"].as_f64().unwrap());
-        assert!((loss - mse - reg).abs() < 1e-6, "loss is the sum of its terms: {v}");
+        let (loss, mse, reg) = (
+            v["loss"].as_f64().unwrap(),
+            v["mse"].as_f64().unwrap(),
+            v["reg"].as_f64().unwrap(),
+        );
+        assert!(
+            (loss - mse - reg).abs() < 1e-6,
+            "loss is the sum of its terms: {v}"
+        );
     }
 }
 
@@ -371,8 +467,18 @@ fn param_group_globs_must_match_something() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(2);
     cfg.param_groups[0].params = "tiem*".into();
-    let err = train(&cfg, &quiet_logging(), options(tmp.path()), &mut ToyTask::new()).unwrap_err().to_string();
-    assert!(err.contains("tiem*") && err.contains("default.tokens"), "{err}");
+    let err = train(
+        &cfg,
+        &quiet_logging(),
+        options(tmp.path()),
+        &mut ToyTask::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tiem*") && err.contains("default.tokens"),
+        "{err}"
+    );
 }
 
 /// Full-parameter mode: the backbone's own VarStore weights are what AdamW moves.
@@ -390,7 +496,10 @@ impl TrainTask for FullTask {
         let target = x.sum_dim_intlist(-1, true, Kind::Float) * 2.0;
         let loss = (self.net.forward(&x) - target).square().mean(Kind::Float);
         (&loss * m.loss_scale).backward();
-        Ok(BTreeMap::from([("loss".to_string(), loss.double_value(&[]))]))
+        Ok(BTreeMap::from([(
+            "loss".to_string(),
+            loss.double_value(&[]),
+        )]))
     }
     fn export(&self, dir: &Path, _step: u64) -> Result<()> {
         std::fs::create_dir_all(dir).unwrap();
@@ -415,8 +524,15 @@ fn full_parameter_mode_trains_the_backbone_weights() {
     let s = train(&cfg, &quiet_logging(), options(tmp.path()), &mut task).unwrap();
     let m = metrics(tmp.path());
     let first = m[0]["loss"].as_f64().unwrap();
-    assert!(s.last_loss.unwrap() < first * 0.1, "loss {first} -> {:?}", s.last_loss);
+    assert!(
+        s.last_loss.unwrap() < first * 0.1,
+        "loss {first} -> {:?}",
+        s.last_loss
+    );
     let w = task.net.ws.flatten(0, -1);
-    assert!((w - 2.0).abs().max().double_value(&[]) < 0.3, "weights move towards 2");
+    assert!(
+        (w - 2.0).abs().max().double_value(&[]) < 0.3,
+        "weights move towards 2"
+    );
     assert!(tmp.path().join("final/model.safetensors").is_file());
 }

@@ -37,10 +37,45 @@ fn schedules_and_adamw_match_torch() {
     // Schedules, stepped once per step: torch's closed forms are the same double arithmetic.
     let sched = json(&dir.path().join("schedules.json"));
     let cases = [
-        ("warm_restarts_t0_3_tmult_1", Schedule::WarmRestarts { t_0: 3, t_mult: 1, eta_min: 1e-5, every: 1 }, 1e-3, 40),
-        ("warm_restarts_t0_2_tmult_2", Schedule::WarmRestarts { t_0: 2, t_mult: 2, eta_min: 0.01, every: 1 }, 0.5, 64),
-        ("warm_restarts_t0_1_tmult_3", Schedule::WarmRestarts { t_0: 1, t_mult: 3, eta_min: 0.0, every: 1 }, 2.0, 50),
-        ("cosine_tmax_20", Schedule::Cosine { eta_min: 1e-4 }, 1e-2, 20),
+        (
+            "warm_restarts_t0_3_tmult_1",
+            Schedule::WarmRestarts {
+                t_0: 3,
+                t_mult: 1,
+                eta_min: 1e-5,
+                every: 1,
+            },
+            1e-3,
+            40,
+        ),
+        (
+            "warm_restarts_t0_2_tmult_2",
+            Schedule::WarmRestarts {
+                t_0: 2,
+                t_mult: 2,
+                eta_min: 0.01,
+                every: 1,
+            },
+            0.5,
+            64,
+        ),
+        (
+            "warm_restarts_t0_1_tmult_3",
+            Schedule::WarmRestarts {
+                t_0: 1,
+                t_mult: 3,
+                eta_min: 0.0,
+                every: 1,
+            },
+            2.0,
+            50,
+        ),
+        (
+            "cosine_tmax_20",
+            Schedule::Cosine { eta_min: 1e-4 },
+            1e-2,
+            20,
+        ),
     ];
     let mut worst = 0.0f64;
     for (key, schedule, base, steps) in cases {
@@ -58,7 +93,11 @@ fn schedules_and_adamw_match_torch() {
             worst = worst.max(rel);
             // CosineAnnealingLR is recursive in torch (rounding drifts); warm restarts are
             // its closed form and must agree to the last bit.
-            let tol = if key.starts_with("cosine") { 1e-12 } else { 0.0 };
+            let tol = if key.starts_with("cosine") {
+                1e-12
+            } else {
+                0.0
+            };
             assert!(rel <= tol, "{key} step {i}: ours {got:e}, torch {w:e}");
         }
     }
@@ -76,11 +115,28 @@ fn schedules_and_adamw_match_torch() {
         .collect();
     let params: Vec<(String, Tensor)> = names
         .iter()
-        .map(|n| (n.clone(), t[&format!("init/{n}")].copy().set_requires_grad(true)))
+        .map(|n| {
+            (
+                n.clone(),
+                t[&format!("init/{n}")].copy().set_requires_grad(true),
+            )
+        })
         .collect();
     let groups = vec![
-        GroupSettings { pattern: None, lr: 1e-2, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 1e-4 },
-        GroupSettings { pattern: Some("time*".into()), lr: 3e-2, betas: [0.8, 0.99], eps: 1e-8, weight_decay: 0.1 },
+        GroupSettings {
+            pattern: None,
+            lr: 1e-2,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 1e-4,
+        },
+        GroupSettings {
+            pattern: Some("time*".into()),
+            lr: 3e-2,
+            betas: [0.8, 0.99],
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
     ];
     let assigned = params
         .iter()
@@ -88,7 +144,12 @@ fn schedules_and_adamw_match_torch() {
         .collect();
     let mut opt = AdamW::new(groups.clone(), assigned).unwrap();
     let schedule = LrSchedule::new(
-        Schedule::WarmRestarts { t_0: 2, t_mult: 2, eta_min: 1e-3, every: 1 },
+        Schedule::WarmRestarts {
+            t_0: 2,
+            t_mult: 2,
+            eta_min: 1e-3,
+            every: 1,
+        },
         0,
         100,
     );
@@ -96,15 +157,24 @@ fn schedules_and_adamw_match_torch() {
     for s in 0..steps {
         for (n, p) in &params {
             // The gradient of sum(p * g) is exactly g.
-            (p * &t[&format!("grad/{s}/{n}")]).sum(Kind::Float).backward();
+            (p * &t[&format!("grad/{s}/{n}")])
+                .sum(Kind::Float)
+                .backward();
         }
         let (total, norm) = global_grad_norm(&params).unwrap();
         let want_norm = meta["grad_norms"][s as usize].as_f64().unwrap();
-        assert!((norm - want_norm).abs() <= 1e-6 * want_norm, "step {s}: grad norm {norm} vs {want_norm}");
+        assert!(
+            (norm - want_norm).abs() <= 1e-6 * want_norm,
+            "step {s}: grad norm {norm} vs {want_norm}"
+        );
         clip_grads(&params, &total.unwrap(), 1.0).unwrap();
         let lrs: Vec<f64> = groups.iter().map(|g| schedule.lr(g.lr, s)).collect();
         for (gi, lr) in lrs.iter().enumerate() {
-            let want: f64 = meta["lrs"][s as usize][gi].as_str().unwrap().parse().unwrap();
+            let want: f64 = meta["lrs"][s as usize][gi]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert_eq!(*lr, want, "lr step {s} group {gi}");
         }
         opt.step(&lrs).unwrap();
@@ -116,9 +186,18 @@ fn schedules_and_adamw_match_torch() {
     let mut worst = 0.0f64;
     for n in &names {
         for (ours, theirs) in [
-            (params.iter().find(|(m, _)| m == n).unwrap().1.detach(), t[&format!("final/{n}")].shallow_clone()),
-            (state[&format!("exp_avg/{n}")].shallow_clone(), t[&format!("exp_avg/{n}")].shallow_clone()),
-            (state[&format!("exp_avg_sq/{n}")].shallow_clone(), t[&format!("exp_avg_sq/{n}")].shallow_clone()),
+            (
+                params.iter().find(|(m, _)| m == n).unwrap().1.detach(),
+                t[&format!("final/{n}")].shallow_clone(),
+            ),
+            (
+                state[&format!("exp_avg/{n}")].shallow_clone(),
+                t[&format!("exp_avg/{n}")].shallow_clone(),
+            ),
+            (
+                state[&format!("exp_avg_sq/{n}")].shallow_clone(),
+                t[&format!("exp_avg_sq/{n}")].shallow_clone(),
+            ),
         ] {
             let err = (&ours - &theirs).abs().max().double_value(&[]);
             let scale = theirs.abs().max().double_value(&[]);

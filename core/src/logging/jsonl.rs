@@ -98,7 +98,8 @@ mod tests {
         }
         drop(s);
         let mut s = JsonlSink::resume(dir.path(), 3).unwrap();
-        s.log(4, &BTreeMap::from([("loss".to_string(), f64::NAN)])).unwrap();
+        s.log(4, &BTreeMap::from([("loss".to_string(), f64::NAN)]))
+            .unwrap();
         let got = lines(dir.path());
         let steps: Vec<u64> = got.iter().map(|v| v["step"].as_u64().unwrap()).collect();
         assert_eq!(steps, [1, 2, 3, 4]);

@@ -72,7 +72,10 @@ pub fn libtorch_version() -> Option<String> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
         .find(|p| {
-            let name = Path::new(p).file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let name = Path::new(p)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
             name.starts_with("libtorch_cpu.") || name == "libtorch.so"
         })
         .map(PathBuf::from)?;
@@ -111,9 +114,8 @@ fn write(path: PathBuf, bytes: &[u8]) -> Result<()> {
 /// left as they are (the trainer checks them) and the command line is appended.
 pub fn write_run_record(run_dir: &Path, rec: &RunRecord<'_>) -> Result<()> {
     std::fs::create_dir_all(run_dir).map_err(|e| Error::file(run_dir, e))?;
-    let pretty = |v: &serde_json::Value| {
-        serde_json::to_vec_pretty(v).map_err(|e| Error::file(run_dir, e))
-    };
+    let pretty =
+        |v: &serde_json::Value| serde_json::to_vec_pretty(v).map_err(|e| Error::file(run_dir, e));
     let line = format!("{}\n", shell_words(rec.command));
     let command_path = run_dir.join(COMMAND_FILE);
     if rec.resumed && command_path.exists() {
@@ -124,7 +126,10 @@ pub fn write_run_record(run_dir: &Path, rec: &RunRecord<'_>) -> Result<()> {
     } else {
         write(command_path, line.as_bytes())?;
         write(run_dir.join(RECIPE_FILE), &pretty(rec.recipe)?)?;
-        write(run_dir.join(SEED_FILE), format!("{}\n", rec.seed).as_bytes())?;
+        write(
+            run_dir.join(SEED_FILE),
+            format!("{}\n", rec.seed).as_bytes(),
+        )?;
     }
     let versions = json!({
         "softalign": env!("CARGO_PKG_VERSION"),
@@ -170,20 +175,21 @@ mod tests {
             resumed: false,
         };
         write_run_record(dir.path(), &rec).unwrap();
-        let r: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(RECIPE_FILE)).unwrap(),
-        )
-        .unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(RECIPE_FILE)).unwrap())
+                .unwrap();
         assert_eq!(r, recipe);
         assert_eq!(
             std::fs::read_to_string(dir.path().join(COMMAND_FILE)).unwrap(),
             "softalign train 'it'\\''s'\n"
         );
-        assert_eq!(std::fs::read_to_string(dir.path().join(SEED_FILE)).unwrap(), "42\n");
-        let v: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(VERSIONS_FILE)).unwrap(),
-        )
-        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(SEED_FILE)).unwrap(),
+            "42\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(VERSIONS_FILE)).unwrap())
+                .unwrap();
         assert_eq!(v["softalign"], env!("CARGO_PKG_VERSION"));
         // This process links libtorch, so its version must be found (2.x.y).
         let lt = v["libtorch"].as_str().expect("libtorch version found");

@@ -148,7 +148,11 @@ fn fsync_dir(dir: &Path) {
 
 /// Writes a checkpoint for `contents.state.step`, points `latest` at it and deletes all but
 /// the newest `keep` checkpoints. Returns the new folder.
-pub fn write_checkpoint(run_dir: &Path, contents: &CheckpointContents<'_>, keep: usize) -> Result<PathBuf> {
+pub fn write_checkpoint(
+    run_dir: &Path,
+    contents: &CheckpointContents<'_>,
+    keep: usize,
+) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let name = step_dir_name(contents.state.step);
@@ -341,8 +345,13 @@ mod tests {
     #[test]
     fn resume_errors_name_the_folder() {
         let run = tempfile::tempdir().unwrap();
-        let err = resolve(run.path(), &ResumeFrom::Latest).unwrap_err().to_string();
-        assert!(err.contains("checkpoints") && err.contains("latest"), "{err}");
+        let err = resolve(run.path(), &ResumeFrom::Latest)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checkpoints") && err.contains("latest"),
+            "{err}"
+        );
         let bogus = run.path().join("nowhere");
         let err = resolve(run.path(), &ResumeFrom::Dir(bogus.clone()))
             .unwrap_err()

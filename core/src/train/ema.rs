@@ -29,7 +29,9 @@ impl Ema {
             if name != pname {
                 return Err(Error::tensor(
                     pname,
-                    format!("EMA expected parameter `{name}` here: the task changed its parameter list"),
+                    format!(
+                        "EMA expected parameter `{name}` here: the task changed its parameter list"
+                    ),
                 ));
             }
             let _ = s.f_lerp_(&p.detach(), 1.0 - self.decay)?;

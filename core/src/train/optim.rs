@@ -154,7 +154,9 @@ impl AdamW {
             let _ = s.param.f_mul_scalar_(1.0 - lr * g.weight_decay)?;
             let _ = s.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
             let _ = s.exp_avg_sq.f_mul_scalar_(beta2)?;
-            let _ = s.exp_avg_sq.f_add_(&grad.f_mul(&grad)?.f_mul_scalar(1.0 - beta2)?)?;
+            let _ = s
+                .exp_avg_sq
+                .f_add_(&grad.f_mul(&grad)?.f_mul_scalar(1.0 - beta2)?)?;
             // Python float arithmetic in torch: pow on doubles, then one scalar per tensor op.
             let step = s.step as f64;
             let bias_correction1 = 1.0 - beta1.powf(step);
@@ -176,11 +178,11 @@ impl AdamW {
         let mut out = Vec::with_capacity(self.params.len() * 3);
         for s in &self.params {
             out.push((format!("exp_avg/{}", s.name), s.exp_avg.shallow_clone()));
-            out.push((format!("exp_avg_sq/{}", s.name), s.exp_avg_sq.shallow_clone()));
             out.push((
-                format!("step/{}", s.name),
-                Tensor::from(s.step as i64),
+                format!("exp_avg_sq/{}", s.name),
+                s.exp_avg_sq.shallow_clone(),
             ));
+            out.push((format!("step/{}", s.name), Tensor::from(s.step as i64)));
         }
         out
     }
@@ -308,19 +310,23 @@ mod tests {
     fn state_round_trips_and_rejects_strangers() {
         let p = Tensor::ones([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         p.sum(Kind::Float).backward();
-        let mut opt =
-            AdamW::new(vec![settings(0.1, 0.0)], vec![("w".into(), p.shallow_clone(), 0)])
-                .unwrap();
+        let mut opt = AdamW::new(
+            vec![settings(0.1, 0.0)],
+            vec![("w".into(), p.shallow_clone(), 0)],
+        )
+        .unwrap();
         opt.step(&[0.1]).unwrap();
         let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
         let q = Tensor::ones([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        let mut other =
-            AdamW::new(vec![settings(0.1, 0.0)], vec![("w".into(), q, 0)]).unwrap();
+        let mut other = AdamW::new(vec![settings(0.1, 0.0)], vec![("w".into(), q, 0)]).unwrap();
         other.load_state(&state, "test").unwrap();
         assert_eq!(other.params[0].step, 1);
         assert!(other.params[0].exp_avg.equal(&opt.params[0].exp_avg));
         let mut extra = state;
-        extra.insert("exp_avg/ghost".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)));
+        extra.insert(
+            "exp_avg/ghost".into(),
+            Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+        );
         let err = other.load_state(&extra, "test").unwrap_err().to_string();
         assert!(err.contains("ghost"), "{err}");
     }

@@ -8,10 +8,7 @@ use crate::dtype::DType;
 use crate::{Error, Result};
 
 fn is_float(k: Kind) -> bool {
-    matches!(
-        k,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    )
+    matches!(k, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
 }
 
 /// Freezes every variable of a backbone and stores its floating-point weights in `dtype`
@@ -47,7 +44,10 @@ pub fn check_trainable(params: &[(String, Tensor)]) -> Result<()> {
             ));
         }
         if !p.requires_grad() {
-            return Err(Error::tensor(name, "trainable parameter does not require grad"));
+            return Err(Error::tensor(
+                name,
+                "trainable parameter does not require grad",
+            ));
         }
         if !p.is_leaf() {
             return Err(Error::tensor(
@@ -129,7 +129,9 @@ mod tests {
     #[test]
     fn half_trainable_parameters_are_refused_by_name() {
         let t = Tensor::zeros([2], (Kind::Half, tch::Device::Cpu)).set_requires_grad(true);
-        let err = check_trainable(&[("tok".into(), t)]).unwrap_err().to_string();
+        let err = check_trainable(&[("tok".into(), t)])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`tok`") && err.contains("fp32"), "{err}");
     }
 }

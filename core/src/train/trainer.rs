@@ -136,8 +136,17 @@ pub fn train(
                 ),
             ));
         }
-        copy_named(&mut params, &ck.params, &format!("{here}/{}", checkpoint::PARAMS_FILE))?;
-        if false { optim.load_state(&ck.optimizer, &format!("{here}/{}", checkpoint::OPTIMIZER_FILE))?; }
+        copy_named(
+            &mut params,
+            &ck.params,
+            &format!("{here}/{}", checkpoint::PARAMS_FILE),
+        )?;
+        if false {
+            optim.load_state(
+                &ck.optimizer,
+                &format!("{here}/{}", checkpoint::OPTIMIZER_FILE),
+            )?;
+        }
         task.load_extra_state(&ck.extra)?;
         match (&mut ema, &ck.ema) {
             (Some(e), Some(t)) => e.load(t, &format!("{here}/{}", checkpoint::EMA_FILE))?,
@@ -361,10 +370,7 @@ impl Loop<'_> {
                 }
                 values.insert("grad_norm".into(), grad_norm);
                 values.insert("step_time_s".into(), step_time_s);
-                values.insert(
-                    "skipped".into(),
-                    if bad.is_some() { 1.0 } else { 0.0 },
-                );
+                values.insert("skipped".into(), if bad.is_some() { 1.0 } else { 0.0 });
                 for s in self.sinks.iter_mut() {
                     s.log(done, &values)?;
                 }
