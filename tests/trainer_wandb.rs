@@ -128,3 +128,87 @@ fn missing_interpreter_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// One parameter fitted to a random target: enough to drive the trainer.
+struct Tiny {
+    w: tch::Tensor,
+}
+
+impl softalign_core::train::TrainTask for Tiny {
+    fn parameters(&self) -> Vec<(String, tch::Tensor)> {
+        vec![("w".into(), self.w.shallow_clone())]
+    }
+    fn micro_step(
+        &mut self,
+        m: &softalign_core::train::MicroStep,
+    ) -> softalign_core::Result<BTreeMap<String, f64>> {
+        let target = tch::Tensor::randn([3], (tch::Kind::Float, tch::Device::Cpu));
+        let loss = (&self.w - target).square().mean(tch::Kind::Float);
+        (&loss * m.loss_scale).backward();
+        Ok(BTreeMap::from([(
+            "loss".to_string(),
+            loss.double_value(&[]),
+        )]))
+    }
+    fn export(&self, _dir: &Path, _step: u64) -> softalign_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn train_logs_every_step_to_wandb_as_to_metrics_jsonl() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let modules = tmp.path().join("modules");
+    fake_module(&modules, RECORDING_WANDB);
+    let calls = tmp.path().join("calls.jsonl");
+    // logging.wandb.python pointing at a wrapper: the environment reaches only the bridge.
+    let wrapper = tmp.path().join("python-with-wandb");
+    let real = python().get_program().to_string_lossy().into_owned();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nPYTHONPATH='{}' FAKE_WANDB_LOG='{}' exec '{real}' \"$@\"\n",
+            modules.display(),
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let logging: softalign_core::logging::LoggingConfig = toml::from_str(&format!(
+        "progress = false\n[wandb]\nproject = \"p\"\nmode = \"offline\"\npython = \"{}\"\n",
+        wrapper.display()
+    ))
+    .unwrap();
+    let cfg: softalign_core::train::TrainConfig =
+        toml::from_str("steps = 4\nlr = 0.1\nlog_every = 2").unwrap();
+    let run = tmp.path().join("run");
+    let mut opts = softalign_core::train::TrainerOptions::new(&run, 5);
+    opts.progress = false;
+    opts.recipe = serde_json::json!({"train": {"steps": 4}});
+    let mut task = Tiny {
+        w: tch::Tensor::zeros([3], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true),
+    };
+    softalign_core::train::train(&cfg, &logging, opts, &mut task).unwrap();
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = got
+        .iter()
+        .filter(|v| v["call"] == "log")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4]);
+    assert_eq!(
+        got[0]["kwargs"]["config"],
+        serde_json::json!({"train": {"steps": 4}})
+    );
+    assert_eq!(got.last().unwrap()["call"], "finish");
+    let jsonl = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(jsonl.lines().next().unwrap()).unwrap();
+    let logged = &got[1]["values"];
+    assert_eq!(logged["loss"], first["loss"]);
+    assert_eq!(logged["lr"], first["lr"]);
+}

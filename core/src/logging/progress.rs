@@ -52,3 +52,17 @@ impl Progress {
         self.bar.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn disabled_bar_is_hidden_and_tracks_position() {
+        let p = Progress::new(false, 3, 10);
+        assert!(p.is_hidden());
+        p.update(4, Some(0.5), 1e-3);
+        assert_eq!(p.bar.position(), 4);
+        assert_eq!(p.bar.message(), "loss 0.5000 lr 1.000e-3");
+    }
+}

@@ -141,12 +141,10 @@ pub fn train(
             &ck.params,
             &format!("{here}/{}", checkpoint::PARAMS_FILE),
         )?;
-        if false {
-            optim.load_state(
-                &ck.optimizer,
-                &format!("{here}/{}", checkpoint::OPTIMIZER_FILE),
-            )?;
-        }
+        optim.load_state(
+            &ck.optimizer,
+            &format!("{here}/{}", checkpoint::OPTIMIZER_FILE),
+        )?;
         task.load_extra_state(&ck.extra)?;
         match (&mut ema, &ck.ema) {
             (Some(e), Some(t)) => e.load(t, &format!("{here}/{}", checkpoint::EMA_FILE))?,
