@@ -69,7 +69,10 @@ impl ObjectiveSpec for AgsmSpec {
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Recipe(format!("objective agsm: {m}")));
         check_weight("agsm", self.weight)?;
-        for (f, v) in [("gamma_plus", self.gamma_plus), ("gamma_minus", self.gamma_minus)] {
+        for (f, v) in [
+            ("gamma_plus", self.gamma_plus),
+            ("gamma_minus", self.gamma_minus),
+        ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(format!("`{f}` must be a non-negative number (got {v})"));
             }
@@ -163,7 +166,9 @@ impl Objective for Agsm {
         let neg = if self.has_negative_term() && b > 1 {
             let neg_pred = step.predictions(&TokenSelection::online(&s.negative), true)?;
             let neg_target = target.unsqueeze(1) - &g * s.gamma_minus;
-            ((neg_pred - neg_target).square().mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
+            ((neg_pred - neg_target)
+                .square()
+                .mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
                 * &off)
                 .sum(Kind::Float)
                 / (b * (b - 1)) as f64

@@ -68,7 +68,11 @@ const DEFAULT_TEMPERATURE: f64 = 0.07;
 #[typetag::serde(name = "softrepa_contrastive")]
 impl ObjectiveSpec for ContrastiveSpec {
     fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Recipe(format!("objective softrepa_contrastive: {m}")));
+        let bad = |m: String| {
+            Err(Error::Recipe(format!(
+                "objective softrepa_contrastive: {m}"
+            )))
+        };
         if !self.weight.is_finite() {
             return bad(format!("`weight` must be finite (got {})", self.weight));
         }

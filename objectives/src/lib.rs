@@ -1,6 +1,7 @@
 //! Loss terms and the step context they share: SoftREPA's contrastive loss, the plain
 //! denoising / flow-matching loss, AGSM; and the train task that drives them.
 pub mod agsm;
+pub mod batch;
 pub mod contrastive;
 pub mod dsm;
 pub mod step;

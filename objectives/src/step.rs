@@ -170,9 +170,7 @@ impl<'a> StepContext<'a> {
     }
 
     fn pair_indices(&self, mask: &[bool]) -> Vec<i64> {
-        (0..self.b * self.b)
-            .filter(|k| mask[*k as usize])
-            .collect()
+        (0..self.b * self.b).filter(|k| mask[*k as usize]).collect()
     }
 
     /// Runs the backbone on flat pairs `k = i * B + j` (image i, caption j).

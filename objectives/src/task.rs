@@ -122,9 +122,9 @@ impl TrainTask for ObjectiveTask {
             .iter()
             .enumerate()
             .flat_map(|(k, a)| {
-                a.trainable().into_iter().map(move |(n, t)| {
-                    (if many { format!("adapter{k}.{n}") } else { n }, t)
-                })
+                a.trainable()
+                    .into_iter()
+                    .map(move |(n, t)| (if many { format!("adapter{k}.{n}") } else { n }, t))
             })
             .collect()
     }
