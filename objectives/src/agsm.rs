@@ -87,10 +87,11 @@ impl ObjectiveSpec for AgsmSpec {
         }
         Ok(())
     }
-    fn token_sets(&self) -> Vec<String> {
-        let mut v = vec![self.positive.clone()];
+    /// Both sets are read through their EMA copies.
+    fn token_sets(&self) -> Vec<(String, bool)> {
+        let mut v = vec![(self.positive.clone(), true)];
         if self.negative != self.positive {
-            v.push(self.negative.clone());
+            v.push((self.negative.clone(), true));
         }
         v
     }

@@ -42,8 +42,8 @@ impl ObjectiveSpec for DsmSpec {
         }
         Ok(())
     }
-    fn token_sets(&self) -> Vec<String> {
-        self.tokens.iter().cloned().collect()
+    fn token_sets(&self) -> Vec<(String, bool)> {
+        self.tokens.iter().map(|s| (s.clone(), false)).collect()
     }
     fn build(&self) -> Result<Box<dyn Objective>> {
         self.validate()?;
