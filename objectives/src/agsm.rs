@@ -8,7 +8,7 @@ use softalign_core::adapter::TokenSelection;
 use softalign_core::objective::{Objective, Pairs, PredictionRequest, StepView, Term};
 use softalign_core::plugin::ObjectiveSpec;
 use softalign_core::{register_plugin, Error, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::util::{check_weight, diagonal, off_diagonal_mask, pair_errors, unit_weight};
 
@@ -145,7 +145,8 @@ impl Objective for Agsm {
         let s = &self.spec;
         let b = step.images();
         let dev = step.target().device();
-        let off = off_diagonal_mask(b, dev);
+        let k = step.target().kind();
+        let off = off_diagonal_mask(b, k, dev);
         let mask5 = |m: &Tensor| m.view([b, b, 1, 1, 1]);
         let target = step.target();
         let (g, pl_entropy) = {
@@ -155,26 +156,26 @@ impl Objective for Agsm {
             let ema_neg = step.predictions(&TokenSelection::ema(&s.negative), false)?;
             let ema = &ema_pos * mask5(&(1.0 - &off)) + &ema_neg * mask5(&off);
             let r = -pair_errors(&ema, target);
-            let w = (r / s.tau).softmax(1, Kind::Float);
+            let w = (r / s.tau).softmax(1, k);
             let mean = Tensor::einsum("ik,ikchw->ichw", &[&w, &ema], None::<i64>);
             let g = &ema - mean.unsqueeze(1);
-            let ent = -(&w * (&w + 1e-30).log()).sum_dim_intlist(1, false, Kind::Float);
-            (g, ent.mean(Kind::Float))
+            let ent = -(&w * (&w + 1e-30).log()).sum_dim_intlist(1, false, k);
+            (g, ent.mean(k))
         };
         let pos_pred = diagonal(&step.predictions(&TokenSelection::online(&s.positive), true)?);
         let pos_target = target + diagonal(&g) * s.gamma_plus;
-        let pos = (pos_pred - pos_target).square().mean(Kind::Float);
+        let pos = (pos_pred - pos_target).square().mean(k);
         let neg = if self.has_negative_term() && b > 1 {
             let neg_pred = step.predictions(&TokenSelection::online(&s.negative), true)?;
             let neg_target = target.unsqueeze(1) - &g * s.gamma_minus;
             ((neg_pred - neg_target)
                 .square()
-                .mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
+                .mean_dim(&[2i64, 3, 4][..], false, k)
                 * &off)
-                .sum(Kind::Float)
+                .sum(k)
                 / (b * (b - 1)) as f64
         } else {
-            Tensor::zeros([], (Kind::Float, dev))
+            Tensor::zeros([], (k, dev))
         };
         let loss = &pos + &neg;
         Ok(vec![

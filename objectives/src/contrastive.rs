@@ -141,8 +141,10 @@ impl Contrastive {
                     .to_device(tch::Device::Cpu)
                     .try_into()
                     .unwrap_or_default();
-                let taus: Vec<f32> = v.iter().map(|&x| interpolate(points, x) as f32).collect();
-                Tensor::from_slice(&taus).to_device(t.device())
+                let taus: Vec<f64> = v.iter().map(|&x| interpolate(points, x)).collect();
+                Tensor::from_slice(&taus)
+                    .to_kind(t.kind())
+                    .to_device(t.device())
             }
         }
     }
@@ -188,25 +190,31 @@ impl Objective for Contrastive {
         let tau = self.tau(step.timestep()).unsqueeze(1);
         let logits = (-(&err / tau)).exp() * self.spec.scale;
         let labels = Tensor::arange(b, (Kind::Int64, err.device()));
-        let ce = |l: &Tensor| l.cross_entropy_for_logits(&labels);
+        // In the logits' own precision (tch's cross_entropy_for_logits casts to fp32).
+        let ce = |l: &Tensor| {
+            -l.log_softmax(1, l.kind())
+                .gather(1, &labels.unsqueeze(1), false)
+                .mean(l.kind())
+        };
         let loss = match self.spec.direction {
             Direction::ImageToText => ce(&logits),
             Direction::TextToImage => ce(&logits.tr()),
             Direction::Both => (ce(&logits) + ce(&logits.tr())) * 0.5,
         };
-        let eye = Tensor::eye(b, (Kind::Float, err.device()));
-        let pos = (&err * &eye).sum(Kind::Float) / b as f64;
+        let k = err.kind();
+        let eye = Tensor::eye(b, (k, err.device()));
+        let pos = (&err * &eye).sum(k) / b as f64;
         let neg = if b > 1 {
-            (&err * eye.ones_like().g_sub(&eye)).sum(Kind::Float) / (b * (b - 1)) as f64
+            (&err * eye.ones_like().g_sub(&eye)).sum(k) / (b * (b - 1)) as f64
         } else {
-            Tensor::zeros([], (Kind::Float, err.device()))
+            Tensor::zeros([], (k, err.device()))
         };
         let acc = logits
             .detach()
             .argmax(1, false)
             .eq_tensor(&labels)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float);
+            .to_kind(k)
+            .mean(k);
         Ok(vec![
             Term {
                 name: self.name().into(),

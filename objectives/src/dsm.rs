@@ -6,7 +6,6 @@ use softalign_core::adapter::TokenSelection;
 use softalign_core::objective::{Objective, Pairs, PredictionRequest, StepView, Term};
 use softalign_core::plugin::ObjectiveSpec;
 use softalign_core::{register_plugin, Error, Result};
-use tch::Kind;
 
 use crate::util::{check_weight, diagonal, unit_weight};
 
@@ -80,7 +79,7 @@ impl Objective for Dsm {
         let preds = step.predictions(&self.sel, true)?;
         let loss = (step.target() - diagonal(&preds))
             .square()
-            .mean(Kind::Float);
+            .mean(preds.kind());
         Ok(vec![Term {
             name: "dsm".into(),
             value: loss,

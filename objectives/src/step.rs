@@ -79,7 +79,13 @@ impl<'a> StepContext<'a> {
         inputs: StepInputs,
     ) -> Result<Self> {
         let dev = backbone.device();
-        let x0 = inputs.x0.to_device(dev).to_kind(Kind::Float);
+        // Objectives run in fp32 whatever the backbone's precision; an fp64 batch keeps fp64
+        // throughout (gradient checks).
+        let kind = match inputs.x0.kind() {
+            Kind::Double => Kind::Double,
+            _ => Kind::Float,
+        };
+        let x0 = inputs.x0.to_device(dev).to_kind(kind);
         let size = x0.size();
         if size.len() != 4 {
             return Err(Error::tensor(
@@ -95,7 +101,7 @@ impl<'a> StepContext<'a> {
                 format!("{cb} captions for {b} images; caption i belongs to image i"),
             ));
         }
-        let noise = inputs.noise.to_device(dev).to_kind(Kind::Float);
+        let noise = inputs.noise.to_device(dev).to_kind(kind);
         let noise = match noise.size() {
             s if s == size => noise,
             s if s[..] == size[1..] => noise.unsqueeze(0).expand(&size, false).contiguous(),
@@ -109,7 +115,7 @@ impl<'a> StepContext<'a> {
                 ))
             }
         };
-        let t = inputs.timestep.to_device(dev).to_kind(Kind::Float);
+        let t = inputs.timestep.to_device(dev).to_kind(kind);
         let t = match t.size().as_slice() {
             [] | [1] => t.reshape([1]).expand([b], false).contiguous(),
             [n] if *n == b => t,
@@ -142,12 +148,26 @@ impl<'a> StepContext<'a> {
         self.forwards.get()
     }
 
-    /// Without adapters every selection is the bare backbone: one group serves them all.
+    /// Without adapters every selection is the bare backbone: one group serves them all. With
+    /// adapters that all start with the same set, "the first set" (None) names that set, so
+    /// e.g. DSM's default tokens share AGSM's `positive` predictions.
     fn key(&self, sel: &TokenSelection, grad: bool) -> (TokenSelection, bool) {
-        match self.adapters {
-            Some(_) => (sel.clone(), grad),
-            None => (TokenSelection::default(), grad),
+        let Some(adapters) = self.adapters else {
+            return (TokenSelection::default(), grad);
+        };
+        let mut sel = sel.clone();
+        if sel.set.is_none() {
+            let firsts: Vec<Option<String>> = adapters
+                .iter()
+                .map(|a| a.token_sets().into_iter().next())
+                .collect();
+            if let Some(Some(first)) = firsts.first() {
+                if firsts.iter().all(|f| f.as_ref() == Some(first)) {
+                    sel.set = Some(first.clone());
+                }
+            }
         }
+        (sel, grad)
     }
 
     /// Collects the objectives' requests into groups (the union of pairs per group).
@@ -190,7 +210,7 @@ impl<'a> StepContext<'a> {
         let hook = injection.as_ref().map(|h| h as &dyn SiteHook);
         self.forwards.set(self.forwards.get() + 1);
         let out = self.backbone.forward(&x_t, &t, &cond, hook)?;
-        Ok(out.to_kind(Kind::Float))
+        Ok(out.to_kind(self.x0.kind()))
     }
 
     fn chunks(&self, pairs: &[i64], per: Option<i64>) -> Vec<Vec<i64>> {
@@ -203,7 +223,7 @@ impl<'a> StepContext<'a> {
         let s = self.x0.size();
         let mut full = Tensor::zeros(
             [self.b * self.b, s[1], s[2], s[3]],
-            (Kind::Float, self.x0.device()),
+            (self.x0.kind(), self.x0.device()),
         );
         for (pairs, p) in parts {
             let idx = Tensor::from_slice(&pairs).to_device(self.x0.device());
@@ -247,7 +267,8 @@ impl<'a> StepContext<'a> {
 
     /// Objectives' terms, the weighted total as a tensor, and the flat (name, value) list.
     fn terms(&self, objectives: &[Box<dyn Objective>]) -> Result<(Tensor, Vec<(String, f64)>)> {
-        let mut total = Tensor::zeros([], (Kind::Float, self.x0.device()));
+        let kind = self.x0.kind();
+        let mut total = Tensor::zeros([], (kind, self.x0.device()));
         let mut out: Vec<(String, f64)> = Vec::new();
         for o in objectives {
             let terms = o.terms(self)?;
@@ -258,7 +279,7 @@ impl<'a> StepContext<'a> {
                 )));
             };
             if o.weight() != 0.0 {
-                total = total + first.value.to_kind(Kind::Float) * o.weight();
+                total = total + first.value.to_kind(kind) * o.weight();
             }
             for t in &terms {
                 let mut name = t.name.clone();
@@ -318,9 +339,8 @@ impl<'a> StepContext<'a> {
             }
         }
         let (total, terms) = self.terms(objectives)?;
-        let result = self.result(&total, terms);
         if !total.requires_grad() {
-            return Ok(result);
+            return Ok(self.result(&total, terms));
         }
         let grads = Tensor::f_run_backward(&[&total * scale], &leaves, false, false)?;
         // Pass 2: each chunk again with a graph, fed its cached dL/dpred.
@@ -338,11 +358,11 @@ impl<'a> StepContext<'a> {
                 let idx = Tensor::from_slice(&chunk).to_device(flat.device());
                 let g = flat.index_select(0, &idx).reshape(p.size());
                 if p.requires_grad() {
-                    (p * g).sum(Kind::Float).f_backward()?;
+                    (&p * g).sum(p.kind()).f_backward()?;
                 }
             }
         }
-        Ok(result)
+        Ok(self.result(&total, terms))
     }
 
     fn result(&self, total: &Tensor, terms: Vec<(String, f64)>) -> StepResult {

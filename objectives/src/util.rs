@@ -10,7 +10,7 @@ pub(crate) fn unit_weight() -> f64 {
 pub(crate) fn pair_errors(preds: &Tensor, target: &Tensor) -> Tensor {
     (target.unsqueeze(1) - preds)
         .square()
-        .mean_dim(&[2i64, 3, 4][..], false, Kind::Float)
+        .mean_dim(&[2i64, 3, 4][..], false, preds.kind())
 }
 
 /// The matched pairs (i, i) of (B, B, ...): (B, ...).
@@ -21,8 +21,8 @@ pub(crate) fn diagonal(preds: &Tensor) -> Tensor {
 }
 
 /// (B, B) float mask of the mismatched pairs.
-pub(crate) fn off_diagonal_mask(b: i64, device: tch::Device) -> Tensor {
-    1.0 - Tensor::eye(b, (Kind::Float, device))
+pub(crate) fn off_diagonal_mask(b: i64, kind: Kind, device: tch::Device) -> Tensor {
+    1.0 - Tensor::eye(b, (kind, device))
 }
 
 pub(crate) fn check_weight(objective: &str, w: f64) -> softalign_core::Result<()> {

@@ -67,13 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         backward: None,
     };
     let adapter_slice = (!adapters.is_empty()).then_some(adapters.as_slice());
-    let res = evaluate(
-        backbone.as_ref(),
-        adapter_slice,
-        &objectives,
-        inputs,
-        &opts,
-    )?;
+    let res = evaluate(backbone.as_ref(), adapter_slice, &objectives, inputs, &opts)?;
     let terms: serde_json::Map<String, serde_json::Value> = res
         .terms
         .iter()

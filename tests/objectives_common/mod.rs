@@ -67,8 +67,8 @@ impl Toy {
         let mut w = BTreeMap::new();
         for (name, t) in file.all()? {
             let t = t.to_kind(kind);
-            let v = vs.root().var_copy(&name.replace('.', "_"), &t);
-            w.insert(name, v.detach().set_requires_grad(false));
+            let _ = vs.root().var_copy(&name.replace('.', "_"), &t);
+            w.insert(name, t);
         }
         let mut vs = vs;
         vs.freeze();

@@ -118,7 +118,10 @@ fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> 
     let mut out = Conditioning::new();
     for (k, va) in &a.0 {
         let vb = b.0.get(k).ok_or_else(|| {
-            Error::tensor(k, "present in the unconditional but not the conditional input")
+            Error::tensor(
+                k,
+                "present in the unconditional but not the conditional input",
+            )
         })?;
         out = out.with(k, Tensor::cat(&[va, vb], 0));
     }
@@ -164,8 +167,10 @@ impl Sampler for FlowMatchEuler {
         let bar = req.progress.then(|| {
             let pb = indicatif::ProgressBar::new(n as u64);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "sampling {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+                )
+                .expect("valid template"),
             );
             pb
         });

@@ -57,7 +57,12 @@ impl JointTransformerBlock {
         };
         let context = if c.context_pre_only {
             ContextPath::PreOnly {
-                norm1_context: AdaLayerNormContinuous::new(&p / "norm1_context", c.dim, c.dim, 1e-6),
+                norm1_context: AdaLayerNormContinuous::new(
+                    &p / "norm1_context",
+                    c.dim,
+                    c.dim,
+                    1e-6,
+                ),
             }
         } else {
             ContextPath::Full {
