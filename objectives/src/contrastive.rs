@@ -91,7 +91,7 @@ impl ObjectiveSpec for ContrastiveSpec {
                     return bad("`temperature_schedule` needs at least one point".into());
                 }
                 for (k, [t, tau]) in s.iter().enumerate() {
-                    if !(tau.is_finite() && *tau > 0.0) || !t.is_finite() {
+                    if !(tau.is_finite() && *tau > 0.0 && t.is_finite()) {
                         return bad(format!(
                             "`temperature_schedule[{k}]` = [{t}, {tau}]: tau must be positive"
                         ));

@@ -279,7 +279,7 @@ impl<'a> StepContext<'a> {
                 )));
             };
             if o.weight() != 0.0 {
-                total = total + first.value.to_kind(kind) * o.weight();
+                total += first.value.to_kind(kind) * o.weight();
             }
             for t in &terms {
                 let mut name = t.name.clone();
