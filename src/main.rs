@@ -26,6 +26,8 @@ enum Command {
     /// Recipe tools.
     #[command(subcommand)]
     Recipe(cli::recipe::Command),
+    /// Evaluate a recipe's objectives on one fixed batch file and print the terms as JSON.
+    Loss(cli::loss::Args),
 }
 
 fn main() {
@@ -33,6 +35,7 @@ fn main() {
     let result = match cli.command {
         Command::List(a) => cli::list::run(a),
         Command::Recipe(c) => cli::recipe::run(c),
+        Command::Loss(a) => cli::loss::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,1 +1,12 @@
+//! Loss terms and the step context they share: SoftREPA's contrastive loss, the plain
+//! denoising / flow-matching loss, AGSM; and the train task that drives them.
+pub mod agsm;
+pub mod batch;
+pub mod contrastive;
+pub mod dsm;
+pub mod step;
+pub mod task;
+mod util;
 
+pub use step::{StepContext, StepInputs, StepOptions, StepResult};
+pub use task::{evaluate, ObjectiveTask};

@@ -44,6 +44,11 @@ pub trait Adapter: Send {
     /// Moves every EMA copy towards its online tensor: ema = decay * ema + (1 - decay) * online.
     fn update_ema(&self, decay: f64);
     fn has_ema(&self) -> bool;
+    /// The decay the adapter's own spec gives its EMA copies (None: it keeps none). The
+    /// trainer passes it to `update_ema` after every optimizer step.
+    fn ema_decay(&self) -> Option<f64> {
+        None
+    }
     fn token_sets(&self) -> Vec<String>;
     /// Metadata written into the adapter file (kind, sites, shapes, ...).
     fn metadata(&self) -> BTreeMap<String, String>;

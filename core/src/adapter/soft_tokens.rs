@@ -238,6 +238,7 @@ pub struct SoftTokens {
     /// Online tokens per set (sites, tokens, dim), fp32, requires_grad.
     tokens: BTreeMap<String, Tensor>,
     ema: BTreeMap<String, Tensor>,
+    ema_decay: f64,
     time_table: Option<Tensor>,
 }
 
@@ -300,6 +301,7 @@ impl SoftTokens {
             layout,
             tokens,
             ema,
+            ema_decay: spec.ema_decay,
             time_table,
         })
     }
@@ -427,6 +429,10 @@ impl Adapter for SoftTokens {
         !self.ema.is_empty()
     }
 
+    fn ema_decay(&self) -> Option<f64> {
+        self.has_ema().then_some(self.ema_decay)
+    }
+
     fn token_sets(&self) -> Vec<String> {
         self.layout.sets.clone()
     }
@@ -444,7 +450,7 @@ impl Adapter for SoftTokens {
             time_init_std: 0.0,
             sets: l.sets.clone(),
             ema: l.ema,
-            ema_decay: default_decay(),
+            ema_decay: self.ema_decay,
             ema_init: EmaInit::Copy,
         };
         let space = match l.space {

@@ -1,0 +1,206 @@
+//! `ObjectiveTask`: what the trainer drives when a recipe trains adapters (or nothing, for a
+//! dry run) with objectives on a dataset. Each micro-step draws B distinct samples, one
+//! timestep broadcast to the B images and the noise (shared or per image) from torch's global
+//! generator, which the trainer seeds per micro-step; the order of the draws is fixed
+//! (indices, timestep, noise) so a run is reproducible.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use softalign_core::adapter::{save_adapter, Adapter};
+use softalign_core::backbone::Backbone;
+use softalign_core::dataset::Dataset;
+use softalign_core::objective::Objective;
+use softalign_core::train::{MicroStep, TrainConfig, TrainTask};
+use softalign_core::{Error, Result};
+use tch::{Kind, Tensor};
+
+use crate::step::{StepContext, StepInputs, StepOptions, StepResult};
+
+/// Evaluates `objectives` on one fixed step (the `softalign loss` dry run, and each training
+/// micro-step). `adapters = None` runs the bare backbone.
+pub fn evaluate(
+    backbone: &dyn Backbone,
+    adapters: Option<&[Box<dyn Adapter>]>,
+    objectives: &[Box<dyn Objective>],
+    inputs: StepInputs,
+    opts: &StepOptions,
+) -> Result<StepResult> {
+    StepContext::new(backbone, adapters, inputs)?.run(objectives, opts)
+}
+
+pub struct ObjectiveTask {
+    pub backbone: Box<dyn Backbone>,
+    pub adapters: Vec<Box<dyn Adapter>>,
+    pub objectives: Vec<Box<dyn Objective>>,
+    pub dataset: Box<dyn Dataset>,
+    pub config: TrainConfig,
+    /// Written into each exported adapter file's metadata (recipe hash, ...).
+    pub export_metadata: BTreeMap<String, String>,
+}
+
+impl ObjectiveTask {
+    pub fn new(
+        backbone: Box<dyn Backbone>,
+        adapters: Vec<Box<dyn Adapter>>,
+        objectives: Vec<Box<dyn Objective>>,
+        dataset: Box<dyn Dataset>,
+        config: TrainConfig,
+    ) -> Result<Self> {
+        let b = config.images_per_step;
+        if (dataset.len() as i64) < b {
+            return Err(Error::Recipe(format!(
+                "train.images_per_step = {b} but the dataset holds {} samples",
+                dataset.len()
+            )));
+        }
+        if objectives.is_empty() {
+            return Err(Error::Recipe("the recipe names no [[objective]]".into()));
+        }
+        let names: Vec<String> = adapters.iter().flat_map(|a| a.token_sets()).collect();
+        for o in &objectives {
+            for r in o.requests() {
+                if let Some(set) = &r.tokens.set {
+                    if !adapters.is_empty() && !names.contains(set) {
+                        return Err(Error::Recipe(format!(
+                            "objective `{}` uses token set `{set}`, which no adapter provides \
+                             (sets: {})",
+                            o.name(),
+                            names.join(", ")
+                        )));
+                    }
+                }
+                if r.tokens.ema && !adapters.is_empty() && !adapters.iter().any(|a| a.has_ema()) {
+                    return Err(Error::Recipe(format!(
+                        "objective `{}` reads EMA tokens; set `ema = true` on the adapter",
+                        o.name()
+                    )));
+                }
+            }
+        }
+        Ok(Self {
+            backbone,
+            adapters,
+            objectives,
+            dataset,
+            config,
+            export_metadata: BTreeMap::new(),
+        })
+    }
+
+    /// Draws one micro-step's batch from torch's global generator.
+    pub fn draw_inputs(&self) -> Result<StepInputs> {
+        let dev = self.backbone.device();
+        let b = self.config.images_per_step;
+        let perm = Tensor::randperm(self.dataset.len() as i64, (Kind::Int64, tch::Device::Cpu));
+        let idx: Vec<i64> = perm.narrow(0, 0, b).try_into()?;
+        let idx: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
+        let batch = self.dataset.batch(&idx, dev)?;
+        let timestep = self.backbone.noise().sample_timesteps(1, dev);
+        let s = batch.x0.size();
+        let noise = if self.config.per_image_noise {
+            Tensor::randn(&s, (Kind::Float, dev))
+        } else {
+            Tensor::randn(&s[1..], (Kind::Float, dev))
+        };
+        Ok(StepInputs {
+            x0: batch.x0,
+            cond: batch.cond,
+            noise,
+            timestep,
+        })
+    }
+
+    fn adapter_slice(&self) -> Option<&[Box<dyn Adapter>]> {
+        (!self.adapters.is_empty()).then_some(self.adapters.as_slice())
+    }
+}
+
+impl TrainTask for ObjectiveTask {
+    fn parameters(&self) -> Vec<(String, Tensor)> {
+        let many = self.adapters.len() > 1;
+        self.adapters
+            .iter()
+            .enumerate()
+            .flat_map(|(k, a)| {
+                a.trainable()
+                    .into_iter()
+                    .map(move |(n, t)| (if many { format!("adapter{k}.{n}") } else { n }, t))
+            })
+            .collect()
+    }
+
+    fn extra_state(&self) -> Vec<(String, Tensor)> {
+        self.adapters
+            .iter()
+            .enumerate()
+            .flat_map(|(k, a)| {
+                a.state()
+                    .into_iter()
+                    .filter(|(n, _)| n.starts_with("ema."))
+                    .map(move |(n, t)| (format!("adapter{k}.{n}"), t))
+            })
+            .collect()
+    }
+
+    fn load_extra_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (k, a) in self.adapters.iter().enumerate() {
+            for (n, mut dst) in a.state().into_iter().filter(|(n, _)| n.starts_with("ema.")) {
+                let key = format!("adapter{k}.{n}");
+                let src = tensors
+                    .get(&key)
+                    .ok_or_else(|| Error::tensor(&key, "missing from the checkpoint"))?;
+                if src.size() != dst.size() {
+                    return Err(Error::tensor(
+                        &key,
+                        format!("shape {:?}, expected {:?}", src.size(), dst.size()),
+                    ));
+                }
+                dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
+            }
+        }
+        Ok(())
+    }
+
+    fn micro_step(&mut self, m: &MicroStep) -> Result<BTreeMap<String, f64>> {
+        let inputs = self.draw_inputs()?;
+        let opts = StepOptions {
+            pairs_per_forward: self.config.pairs_per_forward,
+            backward: Some(m.loss_scale),
+        };
+        let r = evaluate(
+            self.backbone.as_ref(),
+            self.adapter_slice(),
+            &self.objectives,
+            inputs,
+            &opts,
+        )?;
+        let mut out: BTreeMap<String, f64> = r.terms.into_iter().collect();
+        out.insert("loss".into(), r.total);
+        Ok(out)
+    }
+
+    fn after_step(&mut self, _step: u64) -> Result<()> {
+        for a in &self.adapters {
+            if let Some(decay) = a.ema_decay() {
+                a.update_ema(decay);
+            }
+        }
+        Ok(())
+    }
+
+    fn export(&self, dir: &Path, step: u64) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let mut meta = self.export_metadata.clone();
+        meta.insert("step".into(), step.to_string());
+        for (k, a) in self.adapters.iter().enumerate() {
+            let name = if self.adapters.len() == 1 {
+                "adapter.safetensors".to_string()
+            } else {
+                format!("adapter{k}.safetensors")
+            };
+            save_adapter(&dir.join(name), a.as_ref(), &meta)?;
+        }
+        Ok(())
+    }
+}
