@@ -28,6 +28,8 @@ enum Command {
     Recipe(cli::recipe::Command),
     /// Evaluate a recipe's objectives on one fixed batch file and print the terms as JSON.
     Loss(cli::loss::Args),
+    /// Train a recipe's adapters (or, in full mode, the backbone) into a run folder.
+    Train(cli::train::Args),
 }
 
 fn main() {
@@ -36,6 +38,7 @@ fn main() {
         Command::List(a) => cli::list::run(a),
         Command::Recipe(c) => cli::recipe::run(c),
         Command::Loss(a) => cli::loss::run(a),
+        Command::Train(a) => cli::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

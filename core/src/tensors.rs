@@ -174,3 +174,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_round_trip_including_empty_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, meta) in [
+            (0usize, BTreeMap::new()),
+            (0, BTreeMap::from([("k".to_string(), "v".to_string())])),
+            (2, BTreeMap::new()),
+        ] {
+            let path = dir.path().join(format!("f{n}-{}.safetensors", meta.len()));
+            let tensors: Vec<(String, Tensor)> = (0..n)
+                .map(|i| {
+                    (
+                        format!("t{i}"),
+                        Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]) * i as f64,
+                    )
+                })
+                .collect();
+            save_safetensors(&path, &tensors, &meta).unwrap();
+            let f = MappedSafetensors::open(&path).unwrap();
+            assert_eq!(f.names().len(), n);
+            assert_eq!(f.metadata().unwrap().len(), meta.len());
+            for (name, t) in &tensors {
+                assert!(f.tensor(name).unwrap().equal(t));
+            }
+        }
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, b"\x10\0\0\0\0\0\0\0{not json}      ").unwrap();
+        let err = MappedSafetensors::open(&bad).err().unwrap().to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains("not a valid safetensors"),
+            "{err}"
+        );
+    }
+}

@@ -10,6 +10,8 @@ use softalign_core::adapter::{save_adapter, Adapter};
 use softalign_core::backbone::Backbone;
 use softalign_core::dataset::Dataset;
 use softalign_core::objective::Objective;
+use softalign_core::train::config::TrainMode;
+use softalign_core::train::precision::full_parameters;
 use softalign_core::train::{MicroStep, TrainConfig, TrainTask};
 use softalign_core::{Error, Result};
 use tch::{Kind, Tensor};
@@ -36,6 +38,9 @@ pub struct ObjectiveTask {
     pub config: TrainConfig,
     /// Written into each exported adapter file's metadata (recipe hash, ...).
     pub export_metadata: BTreeMap<String, String>,
+    /// What the optimizer updates: the adapters' tensors, or in full-parameter mode the
+    /// backbone's own weights.
+    params: Vec<(String, Tensor)>,
 }
 
 impl ObjectiveTask {
@@ -77,6 +82,17 @@ impl ObjectiveTask {
                 }
             }
         }
+        let params = match config.mode {
+            TrainMode::Adapter => adapter_parameters(&adapters),
+            TrainMode::Full => {
+                if !adapters.is_empty() {
+                    return Err(Error::Recipe(
+                        "train.mode = \"full\" trains the backbone itself: remove the [[adapter]] tables".into(),
+                    ));
+                }
+                full_parameters(backbone.var_store(), config.weights_dtype)?
+            }
+        };
         Ok(Self {
             backbone,
             adapters,
@@ -84,6 +100,7 @@ impl ObjectiveTask {
             dataset,
             config,
             export_metadata: BTreeMap::new(),
+            params,
         })
     }
 
@@ -115,17 +132,24 @@ impl ObjectiveTask {
     }
 }
 
+fn adapter_parameters(adapters: &[Box<dyn Adapter>]) -> Vec<(String, Tensor)> {
+    let many = adapters.len() > 1;
+    adapters
+        .iter()
+        .enumerate()
+        .flat_map(|(k, a)| {
+            a.trainable()
+                .into_iter()
+                .map(move |(n, t)| (if many { format!("adapter{k}.{n}") } else { n }, t))
+        })
+        .collect()
+}
+
 impl TrainTask for ObjectiveTask {
     fn parameters(&self) -> Vec<(String, Tensor)> {
-        let many = self.adapters.len() > 1;
-        self.adapters
+        self.params
             .iter()
-            .enumerate()
-            .flat_map(|(k, a)| {
-                a.trainable()
-                    .into_iter()
-                    .map(move |(n, t)| (if many { format!("adapter{k}.{n}") } else { n }, t))
-            })
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     }
 
@@ -191,6 +215,9 @@ impl TrainTask for ObjectiveTask {
 
     fn export(&self, dir: &Path, step: u64) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        if self.config.mode == TrainMode::Full {
+            return self.backbone.save_pretrained(dir);
+        }
         let mut meta = self.export_metadata.clone();
         meta.insert("step".into(), step.to_string());
         for (k, a) in self.adapters.iter().enumerate() {

@@ -2,12 +2,11 @@
 //! term and the weighted total as JSON, so a researcher can check a new objective on known data.
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use softalign_core::adapter::Adapter;
-use softalign_core::objective::Objective;
-use softalign_core::plugin::BuildContext;
+use anyhow::bail;
 use softalign_objectives::batch::read_batch;
 use softalign_objectives::{evaluate, StepOptions};
+
+use super::build::Built;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,34 +30,19 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let loaded = softalign_core::recipe::load(&a.recipe, &a.set)?;
-    let info = softalign_core::recipe::check(&loaded)?;
-    let r = &loaded.recipe;
-    if r.objective.is_empty() {
-        bail!("recipe {}: names no [[objective]]", loaded.path.display());
+    let b = Built::new(&a.recipe, &a.set, a.seed, !a.no_adapter)?;
+    if b.objectives.is_empty() {
+        bail!("recipe {}: names no [[objective]]", b.loaded.path.display());
     }
-    let device = r.train.device.resolve()?;
-    let ctx = BuildContext {
+    let Built {
+        loaded,
         device,
-        recipe_dir: loaded.dir.clone(),
-        dtype_override: None,
-    };
-    tch::manual_seed(a.seed.unwrap_or(r.seed) as i64);
-    let backbone = r.backbone.build(&ctx).context("building the backbone")?;
-    let adapters: Vec<Box<dyn Adapter>> = if a.no_adapter {
-        Vec::new()
-    } else {
-        r.adapter
-            .iter()
-            .map(|s| s.build(&info, &ctx))
-            .collect::<Result<_, _>>()
-            .context("building the adapters")?
-    };
-    let objectives: Vec<Box<dyn Objective>> = r
-        .objective
-        .iter()
-        .map(|o| o.build())
-        .collect::<Result<_, _>>()?;
+        backbone,
+        adapters,
+        objectives,
+        ..
+    } = b;
+    let r = &loaded.recipe;
     let inputs = read_batch(&a.batch, backbone.info(), device)?;
     let images = inputs.x0.size()[0];
     let timestep = inputs.timestep.double_value(&[0]);

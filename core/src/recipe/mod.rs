@@ -10,7 +10,6 @@ mod merge;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::backbone::BackboneInfo;
 use crate::catalogue::{self, PluginKind};
@@ -63,7 +62,7 @@ pub struct LoadedRecipe {
     pub overrides: Vec<String>,
     /// The resolved recipe (defaults filled in) as JSON.
     pub json: serde_json::Value,
-    /// First 16 hex digits of the SHA-256 of `json`: ties checkpoints and adapters to it.
+    /// SHA-256 of `json` (canonical key order), as checkpoints record it.
     pub hash: String,
 }
 
@@ -77,7 +76,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
     let recipe = deserialize(&table, &sources, overrides)?;
     let json = serde_json::to_value(&recipe)
         .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
-    let hash = hash_json(&json);
+    let hash = crate::logging::run_dir::recipe_hash(&json);
     Ok(LoadedRecipe {
         recipe,
         path: path.to_path_buf(),
@@ -90,11 +89,6 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
         json,
         hash,
     })
-}
-
-fn hash_json(json: &serde_json::Value) -> String {
-    let digest = Sha256::digest(json.to_string().as_bytes());
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 fn deserialize(table: &toml::Table, sources: &[Source], overrides: &[String]) -> Result<Recipe> {

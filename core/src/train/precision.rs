@@ -69,10 +69,17 @@ pub fn full_parameters(vs: &VarStore, weights_dtype: DType) -> Result<Vec<(Strin
              train.weights_dtype = \"f32\" (got {weights_dtype:?})"
         )));
     }
+    // Buffers created with `zeros_no_train` & co. (SD3's positional table) are variables too,
+    // but not trainable ones: keep only what the model declared trainable.
+    let trainable: std::collections::HashSet<usize> = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.data_ptr() as usize)
+        .collect();
     let mut out: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
-        .filter(|(_, t)| is_float(t.kind()))
+        .filter(|(_, t)| is_float(t.kind()) && trainable.contains(&(t.data_ptr() as usize)))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, t) in &mut out {

@@ -1,0 +1,71 @@
+//! `softalign train`: a recipe in, a run folder out (checkpoints, metrics.jsonl, final adapter
+//! or model), resumable with `--resume latest`.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use softalign_core::train::{train, ResumeFrom, TrainerOptions};
+
+use super::build::Built;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The recipe file.
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Override a recipe value: `--set train.lr=5e-4` (repeatable); recorded in the run folder.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The run folder (default: runs/<recipe name>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue from `latest` or a checkpoint folder, exactly where it stopped.
+    #[arg(long, value_name = "latest|DIR")]
+    pub resume: Option<String>,
+    /// Resume even though the recipe changed since the checkpoint (e.g. more steps).
+    #[arg(long)]
+    pub allow_recipe_change: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let built = Built::for_training(&a.recipe, &a.set)?;
+    let r = &built.loaded.recipe;
+    let run_dir = a.run_dir.clone().unwrap_or_else(|| {
+        let name = r.name.clone().unwrap_or_else(|| {
+            a.recipe
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into())
+        });
+        PathBuf::from("runs").join(name)
+    });
+    if a.resume.is_none() && run_dir.join("checkpoints").exists() {
+        anyhow::bail!(
+            "{} already holds a run; pass --resume latest to continue it, or choose another --run-dir",
+            run_dir.display()
+        );
+    }
+    let mut opts = TrainerOptions::new(&run_dir, r.seed);
+    opts.recipe = built.loaded.json.clone();
+    opts.resume = a.resume.as_deref().map(ResumeFrom::parse);
+    opts.progress = !a.quiet;
+    opts.allow_recipe_change = a.allow_recipe_change;
+    let (train_cfg, logging) = (r.train.clone(), r.logging.clone());
+    let mut task = built.into_task()?;
+    let s = train(&train_cfg, &logging, opts, &mut task)
+        .with_context(|| format!("training into {}", run_dir.display()))?;
+    eprintln!(
+        "trained steps {}..{} in {:.1} s ({} skipped); last loss {}; result in {}",
+        s.start_step,
+        s.steps,
+        s.elapsed_s,
+        s.skipped_steps,
+        s.last_loss
+            .map(|l| format!("{l:.5}"))
+            .unwrap_or_else(|| "-".into()),
+        s.final_dir.display()
+    );
+    Ok(())
+}
