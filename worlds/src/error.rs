@@ -37,7 +37,11 @@ impl Error {
             source,
         }
     }
-    pub(crate) fn parse(path: impl Into<PathBuf>, line: usize, msg: impl std::fmt::Display) -> Self {
+    pub(crate) fn parse(
+        path: impl Into<PathBuf>,
+        line: usize,
+        msg: impl std::fmt::Display,
+    ) -> Self {
         Error::Parse {
             path: path.into(),
             line,

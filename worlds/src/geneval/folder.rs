@@ -17,7 +17,12 @@ pub fn prompt_dir(root: &Path, index: usize) -> PathBuf {
 }
 
 /// Writes one prompt's folder: its metadata and `samples/NNNN.png` for each image.
-pub fn write_prompt_samples(root: &Path, index: usize, prompt: &EvalPrompt, images: &[RgbImage]) -> Result<PathBuf> {
+pub fn write_prompt_samples(
+    root: &Path,
+    index: usize,
+    prompt: &EvalPrompt,
+    images: &[RgbImage],
+) -> Result<PathBuf> {
     let dir = prompt_dir(root, index);
     let samples = dir.join("samples");
     std::fs::create_dir_all(&samples).map_err(|e| Error::io(&samples, e))?;
@@ -32,7 +37,11 @@ pub fn write_prompt_samples(root: &Path, index: usize, prompt: &EvalPrompt, imag
 }
 
 /// Writes a whole generation folder: `images[i]` are the samples of `prompts[i]`.
-pub fn write_geneval_folder(root: &Path, prompts: &[EvalPrompt], images: &[Vec<RgbImage>]) -> Result<()> {
+pub fn write_geneval_folder(
+    root: &Path,
+    prompts: &[EvalPrompt],
+    images: &[Vec<RgbImage>],
+) -> Result<()> {
     if prompts.len() != images.len() {
         return Err(Error::Invalid(format!(
             "{}: {} prompts but {} sample lists",
@@ -83,7 +92,9 @@ pub fn read_geneval_folder(root: &Path) -> Result<Vec<PromptFolder>> {
         for s in std::fs::read_dir(&sdir).map_err(|e| Error::io(&sdir, e))? {
             let s = s.map_err(|e| Error::io(&sdir, e))?;
             let fname = s.file_name().to_string_lossy().into_owned();
-            let Some(stem) = fname.strip_suffix(".png") else { continue };
+            let Some(stem) = fname.strip_suffix(".png") else {
+                continue;
+            };
             if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_digit()) || !s.path().is_file() {
                 continue;
             }

@@ -105,7 +105,12 @@ pub fn select_detections(
 /// holds when the shrunk offset, divided by the length of the full offset, exceeds 0.5 in its
 /// direction.
 pub fn relative_position(a: &[f32; 4], b: &[f32; 4], threshold: f32) -> Vec<Relation> {
-    let c = |bx: &[f32; 4]| [(bx[0] as f64 + bx[2] as f64) / 2.0, (bx[1] as f64 + bx[3] as f64) / 2.0];
+    let c = |bx: &[f32; 4]| {
+        [
+            (bx[0] as f64 + bx[2] as f64) / 2.0,
+            (bx[1] as f64 + bx[3] as f64) / 2.0,
+        ]
+    };
     let dim = |bx: &[f32; 4]| [(bx[2] - bx[0]).abs() as f64, (bx[3] - bx[1]).abs() as f64];
     let (ca, cb, da, db) = (c(a), c(b), dim(a), dim(b));
     let offset = [ca[0] - cb[0], ca[1] - cb[1]];
@@ -159,7 +164,11 @@ pub fn judge(candidates: &[Detection], prompt: &EvalPrompt, cfg: &JudgeConfig) -
         if found.len() < req.count as usize {
             correct = false;
             matched = false;
-            reason.push(format!("expected {class}>={}, found {}", req.count, found.len()));
+            reason.push(format!(
+                "expected {class}>={}, found {}",
+                req.count,
+                found.len()
+            ));
         } else {
             if let Some(color) = &req.color {
                 let colors: Vec<&str> = found.iter().map(|d| d.color.as_str()).collect();
@@ -184,7 +193,8 @@ pub fn judge(candidates: &[Detection], prompt: &EvalPrompt, cfg: &JudgeConfig) -
                     Some(targets) => {
                         'outer: for obj in found {
                             for t in targets {
-                                let rels = relative_position(&obj.bbox, &t.bbox, cfg.position_threshold);
+                                let rels =
+                                    relative_position(&obj.bbox, &t.bbox, cfg.position_threshold);
                                 if !rels.contains(&rel) {
                                     correct = false;
                                     matched = false;
@@ -220,7 +230,11 @@ pub fn judge(candidates: &[Detection], prompt: &EvalPrompt, cfg: &JudgeConfig) -
 
 /// "1 red, 2 blue" in GenEval's colour order; colours outside GenEval's ten come last.
 fn color_tally(colors: &[&str]) -> String {
-    let mut names: Vec<&str> = GENEVAL_COLORS.iter().copied().filter(|c| colors.contains(c)).collect();
+    let mut names: Vec<&str> = GENEVAL_COLORS
+        .iter()
+        .copied()
+        .filter(|c| colors.contains(c))
+        .collect();
     for c in colors {
         if !names.contains(c) {
             names.push(c);
@@ -249,7 +263,9 @@ mod tests {
     }
 
     fn prompt(line: &str) -> EvalPrompt {
-        parse_metadata_jsonl(line, Path::new("t")).unwrap().remove(0)
+        parse_metadata_jsonl(line, Path::new("t"))
+            .unwrap()
+            .remove(0)
     }
 
     #[test]
@@ -261,7 +277,10 @@ mod tests {
         assert_eq!(relative_position(&b, &a, 0.1), vec![Relation::RightOf]);
         // Diagonal at 45 degrees: revised offsets (-18, -18) / 28.28 = -0.64 on both axes.
         let c = [20.0, 20.0, 30.0, 30.0];
-        assert_eq!(relative_position(&a, &c, 0.1), vec![Relation::LeftOf, Relation::Above]);
+        assert_eq!(
+            relative_position(&a, &c, 0.1),
+            vec![Relation::LeftOf, Relation::Above]
+        );
         // Offsets within the margin: no relation at all.
         let d = [1.0, 1.5, 11.0, 11.5];
         assert!(relative_position(&a, &d, 0.1).is_empty());
@@ -272,9 +291,14 @@ mod tests {
 
     #[test]
     fn counting_needs_exactly_n_above_the_counting_threshold() {
-        let p = prompt(r#"{"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}"#);
+        let p = prompt(
+            r#"{"tag": "counting", "include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}], "prompt": "a photo of two circles"}"#,
+        );
         let cfg = JudgeConfig::geneval();
-        let two = [det("circle", "red", [0.0; 4], 0.95), det("circle", "red", [0.0; 4], 0.95)];
+        let two = [
+            det("circle", "red", [0.0; 4], 0.95),
+            det("circle", "red", [0.0; 4], 0.95),
+        ];
         assert!(judge(&two, &p, &cfg).correct);
         let mut three = two.to_vec();
         three.push(det("circle", "blue", [0.0; 4], 0.95));
@@ -290,19 +314,29 @@ mod tests {
 
     #[test]
     fn colour_is_checked_on_the_most_confident_objects_only() {
-        let p = prompt(r#"{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}"#);
+        let p = prompt(
+            r#"{"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}"#,
+        );
         let cfg = JudgeConfig::geneval();
-        let dets = [det("circle", "blue", [0.0; 4], 0.9), det("circle", "red", [0.0; 4], 0.8)];
+        let dets = [
+            det("circle", "blue", [0.0; 4], 0.9),
+            det("circle", "red", [0.0; 4], 0.8),
+        ];
         let j = judge(&dets, &p, &cfg);
         assert!(!j.correct);
         assert_eq!(j.reason, "expected red circle>=1, found 0 red; and 1 blue");
-        let dets = [det("circle", "blue", [0.0; 4], 0.7), det("circle", "red", [0.0; 4], 0.8)];
+        let dets = [
+            det("circle", "blue", [0.0; 4], 0.7),
+            det("circle", "red", [0.0; 4], 0.8),
+        ];
         assert!(judge(&dets, &p, &cfg).correct);
     }
 
     #[test]
     fn position_is_judged_against_every_target() {
-        let p = prompt(r#"{"tag": "position", "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a circle left of a square"}"#);
+        let p = prompt(
+            r#"{"tag": "position", "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a circle left of a square"}"#,
+        );
         let cfg = JudgeConfig::geneval();
         let sq = det("square", "red", [20.0, 0.0, 30.0, 10.0], 0.9);
         let ci = det("circle", "red", [0.0, 0.0, 10.0, 10.0], 0.9);
@@ -310,9 +344,15 @@ mod tests {
         let mut swapped = ci.clone();
         swapped.bbox = [40.0, 0.0, 50.0, 10.0];
         let j = judge(&[sq.clone(), swapped], &p, &cfg);
-        assert_eq!(j.reason, "expected circle left of target, found right of target");
+        assert_eq!(
+            j.reason,
+            "expected circle left of target, found right of target"
+        );
         let j = judge(&[ci], &p, &cfg);
-        assert_eq!(j.reason, "expected square>=1, found 0\nno target for circle to be left of");
+        assert_eq!(
+            j.reason,
+            "expected square>=1, found 0\nno target for circle to be left of"
+        );
     }
 
     #[test]
@@ -329,12 +369,22 @@ mod tests {
             prompt: "a photo of a circle".into(),
             held_out: None,
         };
-        let dets = [det("circle", "red", [1.0, 2.0, 3.0, 4.0], 0.5), det("square", "red", [0.0; 4], 0.9)];
+        let dets = [
+            det("circle", "red", [1.0, 2.0, 3.0, 4.0], 0.5),
+            det("square", "red", [0.0; 4], 0.9),
+        ];
         let j = judge(&dets, &p, &JudgeConfig::geneval());
         assert!(j.correct && j.reason.is_empty());
-        assert_eq!(j.details_json(), r#"{"circle": [[1.0, 2.0, 3.0, 4.0, 0.5]], "square": [[0.0, 0.0, 0.0, 0.0, 0.9]]}"#);
+        assert_eq!(
+            j.details_json(),
+            r#"{"circle": [[1.0, 2.0, 3.0, 4.0, 0.5]], "square": [[0.0, 0.0, 0.0, 0.0, 0.9]]}"#
+        );
         // Below threshold: not found.
-        let j = judge(&[det("circle", "red", [0.0; 4], 0.2)], &p, &JudgeConfig::geneval());
+        let j = judge(
+            &[det("circle", "red", [0.0; 4], 0.2)],
+            &p,
+            &JudgeConfig::geneval(),
+        );
         assert_eq!(j.reason, "expected circle>=1, found 0");
     }
 }

@@ -138,7 +138,10 @@ impl EvalPrompt {
         }
         for (i, req) in self.include.iter().enumerate() {
             if req.count == 0 {
-                return Err(Error::prompt(&self.prompt, format!("include[{i}] has count 0")));
+                return Err(Error::prompt(
+                    &self.prompt,
+                    format!("include[{i}] has count 0"),
+                ));
             }
             if let Some((_, target)) = req.position {
                 if target >= i {
@@ -160,8 +163,7 @@ pub fn parse_metadata_jsonl(text: &str, path: &Path) -> Result<Vec<EvalPrompt>> 
         if line.trim().is_empty() {
             continue;
         }
-        let p: EvalPrompt =
-            serde_json::from_str(line).map_err(|e| Error::parse(path, i + 1, e))?;
+        let p: EvalPrompt = serde_json::from_str(line).map_err(|e| Error::parse(path, i + 1, e))?;
         p.validate().map_err(|e| Error::parse(path, i + 1, e))?;
         out.push(p);
     }
@@ -174,7 +176,8 @@ pub fn read_metadata_jsonl(path: &Path) -> Result<Vec<EvalPrompt>> {
 }
 
 pub fn write_metadata_jsonl(path: &Path, prompts: &[EvalPrompt]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| Error::io(path, e))?);
     for p in prompts {
         writeln!(f, "{}", p.to_json_line()).map_err(|e| Error::io(path, e))?;
     }
@@ -195,14 +198,22 @@ pub fn to_python_json<T: Serialize + ?Sized>(value: &T) -> String {
 struct PythonFormatter;
 
 impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -238,13 +249,22 @@ mod tests {
     #[test]
     fn bad_lines_are_located() {
         let text = "{\"tag\": \"colors\", \"include\": [], \"prompt\": \"x\"}\n";
-        let err = parse_metadata_jsonl(text, Path::new("m.jsonl")).unwrap_err().to_string();
-        assert!(err.contains("m.jsonl:1") && err.contains("no include"), "{err}");
+        let err = parse_metadata_jsonl(text, Path::new("m.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.jsonl:1") && err.contains("no include"),
+            "{err}"
+        );
         let text = "\n{\"tag\": \"nope\", \"include\": [], \"prompt\": \"x\"}\n";
-        let err = parse_metadata_jsonl(text, Path::new("m.jsonl")).unwrap_err().to_string();
+        let err = parse_metadata_jsonl(text, Path::new("m.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("m.jsonl:2") && err.contains("nope"), "{err}");
         let text = r#"{"tag": "position", "include": [{"class": "a", "count": 1, "position": ["above", 0]}], "prompt": "x"}"#;
-        let err = parse_metadata_jsonl(text, Path::new("m.jsonl")).unwrap_err().to_string();
+        let err = parse_metadata_jsonl(text, Path::new("m.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not come before"), "{err}");
     }
 }

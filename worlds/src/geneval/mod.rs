@@ -7,7 +7,9 @@ pub mod metadata;
 pub mod results;
 pub mod summary;
 
-pub use folder::{prompt_dir, read_geneval_folder, write_geneval_folder, write_prompt_samples, PromptFolder};
+pub use folder::{
+    prompt_dir, read_geneval_folder, write_geneval_folder, write_prompt_samples, PromptFolder,
+};
 pub use judge::{judge, relative_position, Detection, JudgeConfig, Judgement};
 pub use metadata::{
     read_metadata_jsonl, write_metadata_jsonl, EvalPrompt, Exclusion, Relation, Requirement, Tag,

@@ -43,7 +43,10 @@ impl ImageResult {
     /// The prompt metadata this result was judged against.
     pub fn parsed_metadata(&self) -> Result<EvalPrompt> {
         serde_json::from_str(&self.metadata).map_err(|e| {
-            Error::Invalid(format!("result for {}: bad metadata string: {e}", self.filename))
+            Error::Invalid(format!(
+                "result for {}: bad metadata string: {e}",
+                self.filename
+            ))
         })
     }
 }

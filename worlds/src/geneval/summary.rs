@@ -105,7 +105,10 @@ impl Summary {
         s += &format!("Total images: {}\n", self.total_images);
         s += &format!("Total prompts: {}\n", self.total_prompts);
         s += &format!("% correct images: {:.2}%\n", 100.0 * self.correct_images);
-        s += &format!("% correct prompts: {:.2}%\n\n", 100.0 * self.correct_prompts);
+        s += &format!(
+            "% correct prompts: {:.2}%\n\n",
+            100.0 * self.correct_prompts
+        );
         s += "Task breakdown\n==============\n";
         for t in &self.tags {
             s += &format!(
@@ -129,15 +132,21 @@ impl Summary {
 /// Splits results by the `held_out` flag in their metadata: (seen, held out). Results whose
 /// metadata has no flag (GenEval's own prompts) count as seen.
 pub fn split_held_out(results: &[ImageResult]) -> (Vec<ImageResult>, Vec<ImageResult>) {
-    results
-        .iter()
-        .cloned()
-        .partition(|r| !r.parsed_metadata().ok().and_then(|m| m.held_out).unwrap_or(false))
+    results.iter().cloned().partition(|r| {
+        !r.parsed_metadata()
+            .ok()
+            .and_then(|m| m.held_out)
+            .unwrap_or(false)
+    })
 }
 
 /// Distinct prompts among `results`.
 pub fn prompt_count(results: &[ImageResult]) -> usize {
-    results.iter().map(|r| r.metadata.as_str()).collect::<BTreeSet<_>>().len()
+    results
+        .iter()
+        .map(|r| r.metadata.as_str())
+        .collect::<BTreeSet<_>>()
+        .len()
 }
 
 #[cfg(test)]
@@ -148,7 +157,10 @@ mod tests {
     fn wilson_matches_known_values() {
         // 8/10: Wilson 95% interval [0.4902, 0.9433] (standard tables).
         let [lo, hi] = wilson_interval(8, 10);
-        assert!((lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         let [lo, hi] = wilson_interval(0, 20);
         assert_eq!(lo, 0.0);
         assert!((hi - 0.1611).abs() < 1e-4, "{hi}");

@@ -21,12 +21,21 @@ pub const PHOTO_PREFIX: &str = "a photo of";
 
 /// "a circle", "one circle", "three red squares". Counts above ten are written as "ten":
 /// scenes that large are not part of this world.
-pub fn noun_phrase(count: usize, color: Option<Color>, shape: Shape, numeral_for_one: bool) -> String {
+pub fn noun_phrase(
+    count: usize,
+    color: Option<Color>,
+    shape: Shape,
+    numeral_for_one: bool,
+) -> String {
     let det = match count {
         1 if !numeral_for_one => "a",
         n => NUMBERS[n.min(10)],
     };
-    let noun = if count == 1 { shape.name() } else { shape.plural() };
+    let noun = if count == 1 {
+        shape.name()
+    } else {
+        shape.plural()
+    };
     match color {
         Some(c) => format!("{det} {} {noun}", c.name()),
         None => format!("{det} {noun}"),
@@ -51,7 +60,11 @@ pub fn captions<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> Vec<String> {
 
     // 1. colours and counts: "a photo of two red squares and a blue circle"
     kinds.shuffle(rng);
-    let s = join(kinds.iter().map(|&((s, c), n)| noun_phrase(n, Some(c), s, false)));
+    let s = join(
+        kinds
+            .iter()
+            .map(|&((s, c), n)| noun_phrase(n, Some(c), s, false)),
+    );
     out.push(maybe_prefix(rng, s));
     // 2. classes and counts only: "a photo of two squares and a circle"
     shapes.shuffle(rng);
@@ -59,12 +72,24 @@ pub fn captions<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> Vec<String> {
     out.push(maybe_prefix(rng, s));
     // 3. numerals throughout: "one blue circle and two red squares"
     kinds.shuffle(rng);
-    let s = join(kinds.iter().map(|&((s, c), n)| noun_phrase(n, Some(c), s, true)));
+    let s = join(
+        kinds
+            .iter()
+            .map(|&((s, c), n)| noun_phrase(n, Some(c), s, true)),
+    );
     out.push(maybe_prefix(rng, s));
     // 4. "there is a blue circle and two red squares"
     kinds.shuffle(rng);
-    let verb = if kinds[0].1 == 1 { "there is" } else { "there are" };
-    let s = join(kinds.iter().map(|&((s, c), n)| noun_phrase(n, Some(c), s, false)));
+    let verb = if kinds[0].1 == 1 {
+        "there is"
+    } else {
+        "there are"
+    };
+    let s = join(
+        kinds
+            .iter()
+            .map(|&((s, c), n)| noun_phrase(n, Some(c), s, false)),
+    );
     out.push(format!("{verb} {s}"));
     // 5. a spatial relation between two objects, judged by GenEval's own rule so a caption
     //    never states what the scorer would call false; single objects get GenEval's
@@ -91,7 +116,8 @@ fn spatial_caption<R: Rng + ?Sized>(scene: &Scene, rng: &mut R) -> Option<String
     }
     let &(i, j, rel) = pairs.choose(rng)?;
     let with_color = rng.gen_bool(0.5);
-    let phrase = |k: usize| noun_phrase(1, with_color.then_some(objs[k].color), objs[k].shape, false);
+    let phrase =
+        |k: usize| noun_phrase(1, with_color.then_some(objs[k].color), objs[k].shape, false);
     let s = format!("{} {} {}", phrase(i), rel.phrase(), phrase(j));
     Some(maybe_prefix(rng, s))
 }
@@ -128,8 +154,14 @@ mod tests {
     #[test]
     fn noun_phrases_count_in_words() {
         assert_eq!(noun_phrase(1, None, Shape::Circle, false), "a circle");
-        assert_eq!(noun_phrase(1, Some(Color::Red), Shape::Circle, true), "one red circle");
-        assert_eq!(noun_phrase(3, Some(Color::Blue), Shape::Square, false), "three blue squares");
+        assert_eq!(
+            noun_phrase(1, Some(Color::Red), Shape::Circle, true),
+            "one red circle"
+        );
+        assert_eq!(
+            noun_phrase(3, Some(Color::Blue), Shape::Square, false),
+            "three blue squares"
+        );
     }
 
     #[test]
@@ -146,16 +178,28 @@ mod tests {
         assert_eq!(caps.len(), 5);
         let strip = |s: &str| s.trim_start_matches("a photo of ").to_string();
         let c0 = strip(&caps[0]);
-        assert!(c0 == "two red squares and a blue circle" || c0 == "a blue circle and two red squares", "{c0}");
+        assert!(
+            c0 == "two red squares and a blue circle" || c0 == "a blue circle and two red squares",
+            "{c0}"
+        );
         let c1 = strip(&caps[1]);
-        assert!(c1 == "two squares and a circle" || c1 == "a circle and two squares", "{c1}");
+        assert!(
+            c1 == "two squares and a circle" || c1 == "a circle and two squares",
+            "{c1}"
+        );
         assert!(strip(&caps[2]).contains("one blue circle") && caps[2].contains("two red squares"));
         assert!(caps[3].starts_with("there "));
         // The circle is right of both squares; each square is left of the circle and above or
         // below the other square.
         let c4 = strip(&caps[4]);
         let words: Vec<&str> = c4.split(' ').collect();
-        assert!(c4.contains(" left of ") || c4.contains(" right of ") || c4.contains(" above ") || c4.contains(" below "), "{c4}");
+        assert!(
+            c4.contains(" left of ")
+                || c4.contains(" right of ")
+                || c4.contains(" above ")
+                || c4.contains(" below "),
+            "{c4}"
+        );
         if c4.contains("right of") {
             assert!(words[1..3].contains(&"circle"), "{c4}");
         }
@@ -165,7 +209,10 @@ mod tests {
     fn captions_are_deterministic() {
         let scene = Scene {
             image_size: 32,
-            objects: vec![o(Shape::Triangle, Color::Green, 10.0, 10.0), o(Shape::Diamond, Color::Purple, 22.0, 22.0)],
+            objects: vec![
+                o(Shape::Triangle, Color::Green, 10.0, 10.0),
+                o(Shape::Diamond, Color::Purple, 22.0, 22.0),
+            ],
         };
         let a = captions(&scene, &mut ChaCha8Rng::seed_from_u64(9));
         let b = captions(&scene, &mut ChaCha8Rng::seed_from_u64(9));

@@ -23,13 +23,13 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
     // group[i] = the include clause object i belongs to.
     let mut group: Vec<usize> = Vec::new();
     for (gi, r) in prompt.include.iter().enumerate() {
-        let shape = Shape::from_name(&r.class)
-            .ok_or_else(|| Error::prompt(&prompt.prompt, format!("no shape called `{}`", r.class)))?;
+        let shape = Shape::from_name(&r.class).ok_or_else(|| {
+            Error::prompt(&prompt.prompt, format!("no shape called `{}`", r.class))
+        })?;
         let color = match &r.color {
-            Some(name) => Some(
-                Color::from_name(name)
-                    .ok_or_else(|| Error::prompt(&prompt.prompt, format!("no colour called `{name}`")))?,
-            ),
+            Some(name) => Some(Color::from_name(name).ok_or_else(|| {
+                Error::prompt(&prompt.prompt, format!("no colour called `{name}`"))
+            })?),
             None => None,
         };
         for _ in 0..r.count {
@@ -44,7 +44,10 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
         .map(|r| r.class.as_str())
         .chain(prompt.exclude.iter().map(|e| e.class.as_str()))
         .collect();
-    let free: Vec<Shape> = Shape::ALL.into_iter().filter(|s| !mentioned.contains(&s.name())).collect();
+    let free: Vec<Shape> = Shape::ALL
+        .into_iter()
+        .filter(|s| !mentioned.contains(&s.name()))
+        .collect();
     if !free.is_empty() {
         for _ in 0..distractors.min(cfg.max_objects.saturating_sub(kinds.len())) {
             let s = free[rng.gen_range(0..free.len())];
@@ -55,7 +58,11 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
     if kinds.len() > cfg.max_objects {
         return Err(Error::prompt(
             &prompt.prompt,
-            format!("needs {} objects; scenes hold at most {}", kinds.len(), cfg.max_objects),
+            format!(
+                "needs {} objects; scenes hold at most {}",
+                kinds.len(),
+                cfg.max_objects
+            ),
         ));
     }
     let constraints: Vec<(usize, Relation, usize)> = prompt
@@ -84,17 +91,19 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
 /// `rel` holds by GenEval's rule even with `a` moved a pixel in any diagonal direction, so
 /// the pixel-rounded boxes a detector reports still satisfy it.
 fn clearly(a: &[f32; 4], b: &[f32; 4], rel: Relation, threshold: f32) -> bool {
-    [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)].iter().all(|&(dx, dy)| {
-        let moved = [a[0] + dx, a[1] + dy, a[2] + dx, a[3] + dy];
-        relative_position(&moved, b, threshold).contains(&rel)
-    })
+    [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
+        .iter()
+        .all(|&(dx, dy)| {
+            let moved = [a[0] + dx, a[1] + dy, a[2] + dx, a[3] + dy];
+            relative_position(&moved, b, threshold).contains(&rel)
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes::prompts::enumerate;
     use crate::geneval::Tag;
+    use crate::shapes::prompts::enumerate;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -106,7 +115,11 @@ mod tests {
                 let mut rng = ChaCha8Rng::seed_from_u64(k as u64);
                 let s = scene_for_prompt(&mut rng, p, &cfg, 1).unwrap();
                 for r in &p.include {
-                    let n = s.objects.iter().filter(|o| o.shape.name() == r.class).count();
+                    let n = s
+                        .objects
+                        .iter()
+                        .filter(|o| o.shape.name() == r.class)
+                        .count();
                     assert_eq!(n, r.count as usize, "{}", p.prompt);
                 }
                 assert!(s.objects.len() < 2 || s.min_gap() >= cfg.gap);
@@ -118,9 +131,14 @@ mod tests {
     fn unknown_classes_are_errors() {
         let mut p = enumerate(Tag::SingleObject).remove(0);
         p.include[0].class = "dog".into();
-        let err = scene_for_prompt(&mut ChaCha8Rng::seed_from_u64(0), &p, &SceneConfig::default(), 0)
-            .unwrap_err()
-            .to_string();
+        let err = scene_for_prompt(
+            &mut ChaCha8Rng::seed_from_u64(0),
+            &p,
+            &SceneConfig::default(),
+            0,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("dog"), "{err}");
     }
 }

@@ -18,7 +18,12 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Diamond];
+    pub const ALL: [Shape; 4] = [
+        Shape::Circle,
+        Shape::Square,
+        Shape::Triangle,
+        Shape::Diamond,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -132,7 +137,10 @@ mod tests {
     fn names_round_trip() {
         for s in Shape::ALL {
             assert_eq!(Shape::from_name(s.name()), Some(s));
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.name()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.name())
+            );
         }
         for c in Color::ALL {
             assert_eq!(Color::from_name(c.name()), Some(c));

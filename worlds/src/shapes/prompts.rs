@@ -43,19 +43,38 @@ pub fn eval_prompts_with(seed: u64, per_tag_max: usize) -> Vec<EvalPrompt> {
 pub fn enumerate(tag: Tag) -> Vec<EvalPrompt> {
     let pairs: Vec<(Shape, Shape)> = Shape::ALL
         .iter()
-        .flat_map(|&a| Shape::ALL.iter().filter(move |&&b| b != a).map(move |&b| (a, b)))
+        .flat_map(|&a| {
+            Shape::ALL
+                .iter()
+                .filter(move |&&b| b != a)
+                .map(move |&b| (a, b))
+        })
         .collect();
     let mut out = Vec::new();
     match tag {
         Tag::SingleObject => {
             for s in Shape::ALL {
-                out.push(make(tag, vec![req(s, 1, None, None)], vec![], noun_phrase(1, None, s, false)));
+                out.push(make(
+                    tag,
+                    vec![req(s, 1, None, None)],
+                    vec![],
+                    noun_phrase(1, None, s, false),
+                ));
             }
         }
         Tag::TwoObject => {
             for &(a, b) in &pairs {
-                let text = format!("{} and {}", noun_phrase(1, None, a, false), noun_phrase(1, None, b, false));
-                out.push(make(tag, vec![req(a, 1, None, None), req(b, 1, None, None)], vec![], text));
+                let text = format!(
+                    "{} and {}",
+                    noun_phrase(1, None, a, false),
+                    noun_phrase(1, None, b, false)
+                );
+                out.push(make(
+                    tag,
+                    vec![req(a, 1, None, None), req(b, 1, None, None)],
+                    vec![],
+                    text,
+                ));
             }
         }
         Tag::Counting => {
@@ -73,7 +92,12 @@ pub fn enumerate(tag: Tag) -> Vec<EvalPrompt> {
         Tag::Colors => {
             for s in Shape::ALL {
                 for c in Color::ALL {
-                    out.push(make(tag, vec![req(s, 1, Some(c), None)], vec![], noun_phrase(1, Some(c), s, false)));
+                    out.push(make(
+                        tag,
+                        vec![req(s, 1, Some(c), None)],
+                        vec![],
+                        noun_phrase(1, Some(c), s, false),
+                    ));
                 }
             }
         }
@@ -114,9 +138,16 @@ pub fn enumerate(tag: Tag) -> Vec<EvalPrompt> {
 /// Whether a prompt names a combination the training split never shows: a held-out colour x
 /// shape object, or both shapes of the held-out pair.
 pub fn names_held_out(prompt: &EvalPrompt) -> bool {
-    let shapes: Vec<Shape> = prompt.include.iter().filter_map(|r| Shape::from_name(&r.class)).collect();
+    let shapes: Vec<Shape> = prompt
+        .include
+        .iter()
+        .filter_map(|r| Shape::from_name(&r.class))
+        .collect();
     let object = prompt.include.iter().any(|r| {
-        match (Shape::from_name(&r.class), r.color.as_deref().and_then(Color::from_name)) {
+        match (
+            Shape::from_name(&r.class),
+            r.color.as_deref().and_then(Color::from_name),
+        ) {
             (Some(s), Some(c)) => heldout::is_held_out_object(s, c),
             _ => false,
         }
@@ -124,7 +155,12 @@ pub fn names_held_out(prompt: &EvalPrompt) -> bool {
     object || heldout::has_held_out_pair(&shapes)
 }
 
-fn req(s: Shape, count: u32, color: Option<Color>, position: Option<(Relation, usize)>) -> Requirement {
+fn req(
+    s: Shape,
+    count: u32,
+    color: Option<Color>,
+    position: Option<(Relation, usize)>,
+) -> Requirement {
     Requirement {
         class: s.name().into(),
         count,
@@ -174,19 +210,33 @@ mod tests {
         let count = &enumerate(Tag::Counting)[1];
         assert_eq!(count.prompt, "a photo of three circles");
         assert_eq!(count.exclude[0].count, 4);
-        assert_eq!(enumerate(Tag::ColorAttr)[0].prompt, "a photo of a red circle and a green square");
+        assert_eq!(
+            enumerate(Tag::ColorAttr)[0].prompt,
+            "a photo of a red circle and a green square"
+        );
     }
 
     #[test]
     fn held_out_prompts_are_flagged() {
         let colors = enumerate(Tag::Colors);
-        let held: Vec<&str> = colors.iter().filter(|p| p.held_out == Some(true)).map(|p| p.prompt.as_str()).collect();
+        let held: Vec<&str> = colors
+            .iter()
+            .filter(|p| p.held_out == Some(true))
+            .map(|p| p.prompt.as_str())
+            .collect();
         assert_eq!(
             held,
-            ["a photo of a blue circle", "a photo of a green square", "a photo of a red triangle", "a photo of a yellow diamond"]
+            [
+                "a photo of a blue circle",
+                "a photo of a green square",
+                "a photo of a red triangle",
+                "a photo of a yellow diamond"
+            ]
         );
         let two = enumerate(Tag::TwoObject);
         assert_eq!(two.iter().filter(|p| p.held_out == Some(true)).count(), 2);
-        assert!(enumerate(Tag::SingleObject).iter().all(|p| p.held_out == Some(false)));
+        assert!(enumerate(Tag::SingleObject)
+            .iter()
+            .all(|p| p.held_out == Some(false)));
     }
 }

@@ -35,9 +35,9 @@ fn draw(img: &mut RgbImage, o: &Object, scale: f32) {
             let cover = coverage(o.shape, px, py, cx, cy, half);
             if cover > 0.0 {
                 let p = img.get_pixel_mut(px, py);
-                for c in 0..3 {
-                    let v = p.0[c] as f32 * (1.0 - cover) + rgb[c] as f32 * cover;
-                    p.0[c] = v.round().clamp(0.0, 255.0) as u8;
+                for (ch, &target) in p.0.iter_mut().zip(&rgb) {
+                    let v = *ch as f32 * (1.0 - cover) + target as f32 * cover;
+                    *ch = v.round().clamp(0.0, 255.0) as u8;
                 }
             }
         }
@@ -121,7 +121,10 @@ mod tests {
         ];
         for (shape, area) in expect {
             let got = painted_area(&render(&one(shape), 32));
-            assert!((got - area).abs() < 0.03 * area, "{shape:?}: {got} vs {area}");
+            assert!(
+                (got - area).abs() < 0.03 * area,
+                "{shape:?}: {got} vs {area}"
+            );
         }
     }
 

@@ -194,7 +194,13 @@ mod tests {
             assert!(a.objects.len() < 2 || a.min_gap() >= cfg.gap, "seed {seed}");
             for o in &a.objects {
                 let bb = o.bbox();
-                assert!(bb[0] >= cfg.margin && bb[1] >= cfg.margin && bb[2] <= 32.0 - cfg.margin && bb[3] <= 32.0 - cfg.margin, "seed {seed}: {o:?}");
+                assert!(
+                    bb[0] >= cfg.margin
+                        && bb[1] >= cfg.margin
+                        && bb[2] <= 32.0 - cfg.margin
+                        && bb[3] <= 32.0 - cfg.margin,
+                    "seed {seed}: {o:?}"
+                );
                 assert!((cfg.min_size..=cfg.max_size).contains(&o.size));
             }
         }

@@ -7,7 +7,8 @@
 //!    label; components smaller than `min_area_fraction` of the image are specks and dropped;
 //! 3. each component becomes a soft mask (how much of each pixel, rim included, is its
 //!    colour) and every shape is fitted to it by moments: the shape of the same area with the
-//!    same centroid. The best soft intersection-over-union names the shape and is the
+//!    same centroid, drawn sharp and at a few blur widths. The best soft
+//!    intersection-over-union names the shape and is the
 //!    detection's confidence; the fitted box is the detection's box. Sub-pixel masses keep an
 //!    8 px diamond apart from an 8 px circle, and a blob that matches no shape well (a smear,
 //!    two shapes fused, a bar) gets a low confidence and falls under the threshold.
@@ -38,10 +39,12 @@ impl Default for ScorerConfig {
     ///   anything else; greys are left out (mid grey is 98 from purple).
     /// - `min_area_fraction` 12/1024: at 32 px, 12 pixels, well under the smallest object
     ///   (an 8 px triangle or diamond covers 32).
-    /// - thresholds: the two most similar ideal shapes, circle and square, overlap with IoU
-    ///   0.83 when fitted by moments to each other, every other pair less. A blob is accepted as
-    ///   a shape when it matches its best shape with IoU > 0.5 (a fair drawing of it), and for
-    ///   counting, where GenEval is stricter too, with IoU > 0.6.
+    /// - thresholds: fitted to each other, the ideal shapes reach a soft IoU of 0.84 at most
+    ///   (circle against square or diamond), so a fair drawing of a shape scores well above
+    ///   that with its own template. A blob is accepted as a shape when its best fit exceeds
+    ///   0.5, which a 2:1 bar (two squares fused, 0.55 against a square) barely passes and
+    ///   a long bar does not; for counting, where GenEval is stricter too, when it exceeds 0.6,
+    ///   so fused pairs are not counted as one.
     fn default() -> Self {
         ScorerConfig {
             reject_distance: 80.0,
@@ -141,8 +144,8 @@ pub fn colour_fraction(p: [u8; 3], c: Color) -> f32 {
     (dot / norm).clamp(0.0, 1.0)
 }
 
-/// A component's soft mask: how much of each pixel it covers, over its bounds grown by one
-/// pixel so the anti-aliased rim counts. Rim pixels count only if they are background or
+/// A component's soft mask: how much of each pixel it covers, over its bounds grown by two
+/// pixels so the anti-aliased or blurred rim counts. Rim pixels count only if they are background or
 /// off-palette, never another object's.
 pub struct SoftMask {
     /// `[x0, y0, x1, y1)` in pixels.
@@ -160,16 +163,32 @@ impl SoftMask {
     }
 }
 
-pub fn soft_mask(img: &RgbImage, labels: &[Option<Color>], owner: &[Option<usize>], id: usize, c: &Component) -> SoftMask {
+pub fn soft_mask(
+    img: &RgbImage,
+    labels: &[Option<Color>],
+    owner: &[Option<usize>],
+    id: usize,
+    c: &Component,
+) -> SoftMask {
     let (w, h) = img.dimensions();
     let [bx0, by0, bx1, by1] = c.bounds;
-    let window = [bx0.saturating_sub(1), by0.saturating_sub(1), (bx1 + 2).min(w), (by1 + 2).min(h)];
-    let mut values = Vec::with_capacity(((window[2] - window[0]) * (window[3] - window[1])) as usize);
+    let window = [
+        bx0.saturating_sub(2),
+        by0.saturating_sub(2),
+        (bx1 + 3).min(w),
+        (by1 + 3).min(h),
+    ];
+    let mut values =
+        Vec::with_capacity(((window[2] - window[0]) * (window[3] - window[1])) as usize);
     for y in window[1]..window[3] {
         for x in window[0]..window[2] {
             let i = (y * w + x) as usize;
             let mine = owner[i] == Some(id) || labels[i].is_none();
-            values.push(if mine { colour_fraction(img.get_pixel(x, y).0, c.color) } else { 0.0 });
+            values.push(if mine {
+                colour_fraction(img.get_pixel(x, y).0, c.color)
+            } else {
+                0.0
+            });
         }
     }
     SoftMask { window, values }
@@ -186,9 +205,15 @@ fn shape_moments(shape: Shape) -> (f32, f32) {
     }
 }
 
+/// Blur widths (Gaussian sigma, pixels) a template is tried at: a sample's edges may be as
+/// sharp as the renderer's or as soft as a small model makes them, and comparing a blurred
+/// blob with a blurred template keeps the shapes apart that blur makes alike (small circles
+/// and diamonds).
+pub const TEMPLATE_BLURS: [f32; 4] = [0.0, 0.5, 0.75, 1.0];
+
 /// Fits `shape` to the mask by its moments (same area, same centroid) and returns the fitted
-/// box `[x0, y0, x1, y1]` with the soft IoU (sum of minima over sum of maxima) of the mask
-/// and the shape drawn in that box.
+/// box `[x0, y0, x1, y1]` with the best soft IoU (sum of minima over sum of maxima) of the
+/// mask and the shape drawn in that box, sharp or blurred by one of [`TEMPLATE_BLURS`].
 pub fn fit_shape(mask: &SoftMask, shape: Shape) -> ([f32; 4], f32) {
     let [x0, y0, x1, y1] = mask.window;
     let (mut area, mut mx, mut my) = (0.0f32, 0.0f32, 0.0f32);
@@ -207,20 +232,66 @@ pub fn fit_shape(mask: &SoftMask, shape: Shape) -> ([f32; 4], f32) {
     let half = (area / fill).sqrt() / 2.0;
     let (cx, cy) = (mx / area, my / area - dy * half);
     let bbox = [cx - half, cy - half, cx + half, cy + half];
-    let tx0 = (bbox[0].floor().max(0.0) as u32).min(x0);
-    let ty0 = (bbox[1].floor().max(0.0) as u32).min(y0);
-    let tx1 = (bbox[2].ceil().max(0.0) as u32).max(x1);
-    let ty1 = (bbox[3].ceil().max(0.0) as u32).max(y1);
-    let (mut inter, mut union) = (0.0f32, 0.0f32);
+    // The template's pixels, joined with the mask's window, with room for the blur.
+    let tx0 = (bbox[0].floor() - 2.0).max(0.0).min(x0 as f32) as u32;
+    let ty0 = (bbox[1].floor() - 2.0).max(0.0).min(y0 as f32) as u32;
+    let tx1 = ((bbox[2].ceil() + 2.0).max(0.0) as u32).max(x1);
+    let ty1 = ((bbox[3].ceil() + 2.0).max(0.0) as u32).max(y1);
+    let (tw, th) = ((tx1 - tx0) as usize, (ty1 - ty0) as usize);
+    let mut template = Vec::with_capacity(tw * th);
     for y in ty0..ty1 {
         for x in tx0..tx1 {
-            let t = coverage(shape, x, y, cx, cy, half);
-            let m = mask.at(x, y);
-            inter += t.min(m);
-            union += t.max(m);
+            template.push(coverage(shape, x, y, cx, cy, half));
         }
     }
-    (bbox, if union > 0.0 { inter / union } else { 0.0 })
+    let best = TEMPLATE_BLURS
+        .iter()
+        .map(|&sigma| {
+            let t = gaussian_blur(&template, tw, th, sigma);
+            let (mut inter, mut union) = (0.0f32, 0.0f32);
+            for (i, tv) in t.iter().enumerate() {
+                let m = mask.at(tx0 + (i % tw) as u32, ty0 + (i / tw) as u32);
+                inter += tv.min(m);
+                union += tv.max(m);
+            }
+            if union > 0.0 {
+                inter / union
+            } else {
+                0.0
+            }
+        })
+        .fold(0.0f32, f32::max);
+    (bbox, best)
+}
+
+/// Separable Gaussian blur of a `w` x `h` plane with zero outside; `sigma` 0 is identity.
+fn gaussian_blur(plane: &[f32], w: usize, h: usize, sigma: f32) -> Vec<f32> {
+    if sigma <= 0.0 {
+        return plane.to_vec();
+    }
+    let r = (3.0 * sigma).ceil() as i64;
+    let kernel: Vec<f32> = (-r..=r)
+        .map(|d| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let sum: f32 = kernel.iter().sum();
+    let kernel: Vec<f32> = kernel.iter().map(|k| k / sum).collect();
+    let pass = |src: &[f32], horizontal: bool| -> Vec<f32> {
+        let mut out = vec![0.0; src.len()];
+        for y in 0..h as i64 {
+            for x in 0..w as i64 {
+                let mut v = 0.0;
+                for (k, d) in kernel.iter().zip(-r..=r) {
+                    let (sx, sy) = if horizontal { (x + d, y) } else { (x, y + d) };
+                    if sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64 {
+                        v += k * src[sy as usize * w + sx as usize];
+                    }
+                }
+                out[y as usize * w + x as usize] = v;
+            }
+        }
+        out
+    };
+    pass(&pass(plane, true), false)
 }
 
 /// Every candidate object in `img` with its best shape and confidence (soft IoU with that
@@ -248,7 +319,13 @@ pub fn detect(img: &RgbImage, cfg: &ScorerConfig) -> Vec<Detection> {
             let (shape, (bbox, iou)) = Shape::ALL
                 .into_iter()
                 .map(|s| (s, fit_shape(&mask, s)))
-                .fold((Shape::Circle, ([0.0; 4], f32::NEG_INFINITY)), |a, b| if b.1 .1 > a.1 .1 { b } else { a });
+                .fold((Shape::Circle, ([0.0; 4], f32::NEG_INFINITY)), |a, b| {
+                    if b.1 .1 > a.1 .1 {
+                        b
+                    } else {
+                        a
+                    }
+                });
             Detection {
                 class: shape.name().to_string(),
                 color: c.color.name().to_string(),
@@ -297,7 +374,10 @@ mod tests {
             for color in Color::ALL {
                 for (i, size) in [8.0, 9.5, 11.0, 13.0].into_iter().enumerate() {
                     let off = 0.25 * i as f32;
-                    let img = render(&scene(vec![obj(shape, color, 15.3 + off, 16.1 - off, size)]), 32);
+                    let img = render(
+                        &scene(vec![obj(shape, color, 15.3 + off, 16.1 - off, size)]),
+                        32,
+                    );
                     let d = detect(&img, &ScorerConfig::default());
                     assert_eq!(d.len(), 1, "{shape:?} {color:?} {size}: {d:?}");
                     assert_eq!(d[0].class, shape.name(), "{color:?} {size}: {d:?}");
@@ -333,9 +413,15 @@ mod tests {
     #[test]
     fn components_split_colours_and_keep_diagonal_neighbours_together() {
         let labels = vec![
-            Some(Color::Red), None, Some(Color::Blue),
-            None, Some(Color::Red), Some(Color::Blue),
-            None, None, None,
+            Some(Color::Red),
+            None,
+            Some(Color::Blue),
+            None,
+            Some(Color::Red),
+            Some(Color::Blue),
+            None,
+            None,
+            None,
         ];
         let cs = components(&labels, 3, 3);
         assert_eq!(cs.len(), 2);
