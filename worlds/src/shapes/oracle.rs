@@ -19,6 +19,7 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
     distractors: usize,
 ) -> Result<Scene> {
     prompt.validate()?;
+    cfg.validate()?;
     let mut kinds: Vec<(Shape, Color)> = Vec::new();
     // group[i] = the include clause object i belongs to.
     let mut group: Vec<usize> = Vec::new();

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::heldout;
 use super::palette::{Color, Shape};
+use crate::error::{Error, Result};
 
 /// One shape in a scene. Coordinates are in pixels of the rendered image; `size` is the side
 /// of the shape's square bounding box (every shape fills its box edge to edge).
@@ -66,6 +67,37 @@ impl Default for SceneConfig {
 }
 
 impl SceneConfig {
+    /// Checks the numbers make sense: sizes positive and ordered, object counts ordered and at
+    /// most ten (captions count in words up to ten), the smallest object fits the canvas.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Invalid(format!("scene config: {msg}")));
+        if !(self.min_size > 0.0 && self.min_size <= self.max_size) {
+            return bad(format!(
+                "need 0 < min_size <= max_size, got {} and {}",
+                self.min_size, self.max_size
+            ));
+        }
+        if self.min_objects > self.max_objects || self.max_objects > 10 {
+            return bad(format!(
+                "need min_objects <= max_objects <= 10, got {} and {}",
+                self.min_objects, self.max_objects
+            ));
+        }
+        if !(self.gap >= 0.0 && self.margin >= 0.0) {
+            return bad(format!(
+                "gap and margin must be >= 0, got {} and {}",
+                self.gap, self.margin
+            ));
+        }
+        if self.min_size + 2.0 * self.margin >= self.image_size as f32 {
+            return bad(format!(
+                "a {} px object with {} px margins does not fit a {} px image",
+                self.min_size, self.margin, self.image_size
+            ));
+        }
+        Ok(())
+    }
+
     /// The training distribution: held-out combinations never appear.
     pub fn train() -> Self {
         SceneConfig {
@@ -80,9 +112,11 @@ const LAYOUT_TRIES: usize = 200;
 
 impl Scene {
     /// A random scene from `cfg`: the number of objects, each (shape, colour), size and
-    /// position are drawn from `rng`, so the same seed gives the same scene.
-    pub fn sample<R: Rng + ?Sized>(rng: &mut R, cfg: &SceneConfig) -> Scene {
-        let n = rng.gen_range(cfg.min_objects..=cfg.max_objects.max(cfg.min_objects));
+    /// position are drawn from `rng`, so the same seed gives the same scene. Errors when `cfg`
+    /// is invalid or its objects do not fit the canvas.
+    pub fn sample<R: Rng + ?Sized>(rng: &mut R, cfg: &SceneConfig) -> Result<Scene> {
+        cfg.validate()?;
+        let n = rng.gen_range(cfg.min_objects..=cfg.max_objects);
         let kinds = loop {
             let kinds: Vec<(Shape, Color)> = (0..n)
                 .map(|_| loop {
@@ -100,12 +134,17 @@ impl Scene {
                 break kinds;
             }
         };
-        let objects = place(rng, cfg, &kinds, |_| true)
-            .expect("a layout without constraints always fits at the minimum size");
-        Scene {
+        let objects = place(rng, cfg, &kinds, |_| true).ok_or_else(|| {
+            Error::Invalid(format!(
+                "scene config: found no place for {n} objects of {} px {} px apart on a {} px canvas; \
+                 lower max_objects or the sizes",
+                cfg.min_size, cfg.gap, cfg.image_size
+            ))
+        })?;
+        Ok(Scene {
             image_size: cfg.image_size,
             objects,
-        }
+        })
     }
 
     /// The smallest gap between any two objects' boxes (the no-overlap invariant keeps it >= `gap`).
@@ -187,8 +226,8 @@ mod tests {
     fn scenes_are_deterministic_and_never_overlap() {
         let cfg = SceneConfig::default();
         for seed in 0..300 {
-            let a = Scene::sample(&mut ChaCha8Rng::seed_from_u64(seed), &cfg);
-            let b = Scene::sample(&mut ChaCha8Rng::seed_from_u64(seed), &cfg);
+            let a = Scene::sample(&mut ChaCha8Rng::seed_from_u64(seed), &cfg).unwrap();
+            let b = Scene::sample(&mut ChaCha8Rng::seed_from_u64(seed), &cfg).unwrap();
             assert_eq!(a, b);
             assert!((1..=4).contains(&a.objects.len()));
             assert!(a.objects.len() < 2 || a.min_gap() >= cfg.gap, "seed {seed}");
@@ -204,6 +243,35 @@ mod tests {
                 assert!((cfg.min_size..=cfg.max_size).contains(&o.size));
             }
         }
+    }
+
+    #[test]
+    fn impossible_configs_are_errors_not_panics() {
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let tiny = SceneConfig {
+            image_size: 8,
+            ..SceneConfig::default()
+        };
+        assert!(Scene::sample(&mut rng, &tiny)
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit"));
+        let crowded = SceneConfig {
+            min_objects: 10,
+            max_objects: 10,
+            ..SceneConfig::default()
+        };
+        assert!(Scene::sample(&mut rng, &crowded)
+            .unwrap_err()
+            .to_string()
+            .contains("found no place"));
+        let inverted = SceneConfig {
+            min_size: 9.0,
+            max_size: 8.0,
+            ..SceneConfig::default()
+        };
+        assert!(inverted.validate().is_err());
+        assert!(SceneConfig::train().validate().is_ok());
     }
 
     #[test]
