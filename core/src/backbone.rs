@@ -131,6 +131,23 @@ pub trait Backbone: Send {
     fn device(&self) -> Device {
         self.var_store().device()
     }
+    /// Text to conditioning, for backbones that carry their own text encoders (the shapes
+    /// world's model, full pipelines). Others take pre-encoded conditioning only.
+    fn encode_prompts(&self, _prompts: &[String]) -> Result<Conditioning> {
+        Err(Error::invalid(format!(
+            "backbone `{}` has no text encoder: give it pre-encoded conditioning",
+            self.info().kind
+        )))
+    }
+    /// (C, H, W) of the sample the network denoises at its native resolution, where known.
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        None
+    }
+    /// Samples (B, C, H, W) to RGB images (B, 3, H', W') in [-1, 1] (a VAE decode; the identity
+    /// for pixel-space models).
+    fn decode(&self, _samples: &Tensor) -> Result<Tensor> {
+        Err(Error::invalid(format!("backbone `{}` has no decoder to images", self.info().kind)))
+    }
     /// Writes the weights as a diffusers-style folder (config.json + safetensors), where the
     /// backbone supports it (full-parameter training saves its result this way).
     fn save_pretrained(&self, _dir: &std::path::Path) -> Result<()> {
