@@ -1,1 +1,4 @@
-
+//! Concrete denoisers with diffusers weight names, their noise processes and samplers.
+pub mod schedulers;
+pub mod sd3;
+pub mod weights;

@@ -1,3 +1,5 @@
 //! One file per subcommand.
+pub mod bench;
+pub mod forward;
 pub mod list;
 pub mod recipe;

@@ -1,0 +1,2 @@
+//! Samplers, one file per diffusers scheduler.
+pub mod flow_match_euler;

@@ -1,0 +1,179 @@
+//! Timing of the MMDiT forward and forward+backward, with and without soft tokens.
+use std::time::Instant;
+
+use softalign_core::adapter::soft_tokens::SoftTokensSpec;
+use softalign_core::adapter::{Adapter, Injection, TokenSelection};
+use softalign_core::backbone::{Backbone, Conditioning};
+use softalign_core::dtype::DType;
+use softalign_core::plugin::{AdapterSpec, BuildContext};
+use softalign_core::site::{SiteHook, SiteSelector, TokenSpace};
+use softalign_core::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::Sd3Config;
+use super::flow_match::{FlowMatch, TimestepSampling};
+use super::spec::Sd3Backbone;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub model: Sd3Config,
+    pub batch: i64,
+    /// Image side in pixels; the latent is 1/8 of it (the SD3 VAE).
+    pub resolution: i64,
+    pub text_len: i64,
+    pub iters: usize,
+    pub warmup: usize,
+    pub device: Device,
+    pub dtype: DType,
+    pub tokens: i64,
+    /// Soft tokens go into blocks 0..token_blocks.
+    pub token_blocks: i64,
+}
+
+impl BenchConfig {
+    /// Sized for a 2-core CPU: an 8-block MMDiT of width 128 at 256 px, batch 4.
+    pub fn small_cpu() -> Self {
+        Self {
+            model: Sd3Config {
+                sample_size: 32,
+                num_layers: 8,
+                attention_head_dim: 32,
+                num_attention_heads: 4,
+                joint_attention_dim: 256,
+                caption_projection_dim: 128,
+                pooled_projection_dim: 128,
+                pos_embed_max_size: Some(64),
+                ..Sd3Config::default()
+            },
+            batch: 4,
+            resolution: 256,
+            text_len: 77,
+            iters: 5,
+            warmup: 1,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            tokens: 4,
+            token_blocks: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub case: String,
+    pub ms_per_step: f64,
+    pub pairs_per_s: f64,
+    /// Process peak resident memory after the case (VmHWM), MiB.
+    pub host_peak_mib: Option<f64>,
+}
+
+/// VmHWM of this process in MiB (Linux).
+pub fn host_peak_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+    if cfg.resolution % 8 != 0 || cfg.batch <= 0 || cfg.iters == 0 {
+        return Err(Error::invalid(
+            "bench: resolution must be a multiple of 8, batch and iters positive",
+        ));
+    }
+    if cfg.token_blocks > cfg.model.num_layers {
+        return Err(Error::invalid(format!(
+            "bench: tokens in {} blocks but the model has {}",
+            cfg.token_blocks, cfg.model.num_layers
+        )));
+    }
+    let dev = cfg.device;
+    let noise = FlowMatch::new(TimestepSampling::UniformInt, 1.0)?;
+    let bb = Sd3Backbone::random(&cfg.model, dev, cfg.dtype, noise)?;
+    let m = &cfg.model;
+    let lat = cfg.resolution / 8;
+    let kind = cfg.dtype.kind();
+    let x = Tensor::randn([cfg.batch, m.in_channels, lat, lat], (kind, dev));
+    let t = Tensor::randint(1000, [cfg.batch], (Kind::Int64, dev)).to_kind(Kind::Float);
+    let cond = Conditioning::new()
+        .with(
+            "encoder_hidden_states",
+            Tensor::randn([cfg.batch, cfg.text_len, m.joint_attention_dim], (kind, dev)),
+        )
+        .with(
+            "pooled_projections",
+            Tensor::randn([cfg.batch, m.pooled_projection_dim], (kind, dev)),
+        );
+    let spec = SoftTokensSpec {
+        tokens: cfg.tokens,
+        sites: SiteSelector::One(format!("joint_blocks[0..{}]", cfg.token_blocks)),
+        time_buckets: 100,
+        shared_time_row: false,
+        token_space: TokenSpace::Joint,
+        init: Default::default(),
+        time_init_std: 0.02,
+        sets: vec!["default".into()],
+        ema: false,
+        ema_decay: 0.9999,
+        ema_init: Default::default(),
+    };
+    let ctx = BuildContext {
+        device: dev,
+        recipe_dir: ".".into(),
+        dtype_override: None,
+    };
+    let adapters: Vec<Box<dyn Adapter>> = vec![spec.build(bb.info(), &ctx)?];
+    let inj = Injection {
+        adapters: &adapters,
+        selection: TokenSelection::default(),
+    };
+    let mut rows = Vec::new();
+    for (case, with_tokens, backward) in [
+        ("forward", false, false),
+        ("forward + soft tokens", true, false),
+        ("fwd+bwd (to input)", false, true),
+        ("fwd+bwd + soft tokens", true, true),
+    ] {
+        let hook = with_tokens.then_some(&inj as &dyn SiteHook);
+        let step = || -> Result<()> {
+            if backward {
+                let xi = if with_tokens {
+                    x.shallow_clone()
+                } else {
+                    x.detach().set_requires_grad(true)
+                };
+                let out = bb.forward(&xi, &t, &cond, hook)?;
+                out.to_kind(Kind::Float).square().mean(Kind::Float).backward();
+            } else {
+                let _guard = tch::no_grad_guard();
+                let _out = bb.forward(&x, &t, &cond, hook)?;
+            }
+            Ok(())
+        };
+        for _ in 0..cfg.warmup {
+            step()?;
+        }
+        sync(dev);
+        let start = Instant::now();
+        for _ in 0..cfg.iters {
+            step()?;
+        }
+        sync(dev);
+        let secs = start.elapsed().as_secs_f64() / cfg.iters as f64;
+        let row = BenchRow {
+            case: case.into(),
+            ms_per_step: secs * 1000.0,
+            pairs_per_s: cfg.batch as f64 / secs,
+            host_peak_mib: host_peak_mib(),
+        };
+        report(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}

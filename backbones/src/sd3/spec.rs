@@ -1,0 +1,235 @@
+//! The `sd3` backbone plugin: a diffusers SD3/SD3.5 transformer folder (or a pipeline folder
+//! holding `transformer/`), or a preset with random weights for benches and tests.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
+use softalign_core::dtype::DType;
+use softalign_core::plugin::{BackboneSpec, BuildContext};
+use softalign_core::site::SiteHook;
+use softalign_core::tensors::{save_safetensors, write_atomic};
+use softalign_core::{register_plugin, Error, Result};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::config::Sd3Config;
+use super::flow_match::{FlowMatch, TimestepSampling};
+use super::transformer::{sites, Sd3Transformer2DModel};
+use crate::weights::{load_strict, named_variables, weight_files, AllowList};
+
+pub const KIND: &str = "sd3";
+pub const WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+pub const CONDITIONING: [&str; 2] = ["encoder_hidden_states", "pooled_projections"];
+
+fn default_shift() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sd3Spec {
+    /// A transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
+    /// pipeline folder with a `transformer/` subfolder.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `sd3-medium`, `sd3.5-medium` or `sd3.5-large` with random weights (benches, tests).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Storage precision of the weights (default f32).
+    #[serde(default)]
+    pub dtype: Option<DType>,
+    /// Training timestep distribution (default: uniform_int, the reference).
+    #[serde(default)]
+    pub timesteps: TimestepSampling,
+    /// Shift applied to the drawn sigma (1.0: none).
+    #[serde(default = "default_shift")]
+    pub timestep_shift: f64,
+    /// Model tensors that may be absent from the checkpoint (exact names or `prefix*`).
+    #[serde(default)]
+    pub allow_missing: Vec<String>,
+    /// Checkpoint tensors that may go unused (exact names or `prefix*`).
+    #[serde(default)]
+    pub allow_unused: Vec<String>,
+}
+
+impl Sd3Spec {
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            preset: None,
+            dtype: None,
+            timesteps: TimestepSampling::default(),
+            timestep_shift: 1.0,
+            allow_missing: Vec::new(),
+            allow_unused: Vec::new(),
+        }
+    }
+
+    /// The transformer folder `path` points at.
+    pub fn model_dir(path: &Path) -> PathBuf {
+        let sub = path.join("transformer");
+        if sub.join("config.json").is_file() {
+            sub
+        } else {
+            path.to_path_buf()
+        }
+    }
+
+    fn source(&self, ctx: &BuildContext) -> Result<(Sd3Config, Option<PathBuf>)> {
+        match (&self.path, &self.preset) {
+            (Some(p), None) => {
+                let dir = Self::model_dir(&ctx.resolve(p));
+                Ok((Sd3Config::from_file(&dir.join("config.json"))?, Some(dir)))
+            }
+            (None, Some(name)) => Ok((Sd3Config::preset(name)?, None)),
+            _ => Err(Error::Recipe(
+                "backbone sd3: give exactly one of `path` and `preset`".into(),
+            )),
+        }
+    }
+
+    fn dtype(&self, ctx: &BuildContext) -> DType {
+        ctx.dtype_override.or(self.dtype).unwrap_or_default()
+    }
+}
+
+register_plugin!(
+    SD3_ENTRY,
+    Backbone,
+    "sd3",
+    "Stable Diffusion 3 / 3.5 MMDiT (diffusers folder or preset), flow matching",
+    r#"[backbone]
+type = "sd3"
+path = "models/stable-diffusion-3-medium-diffusers"
+dtype = "bf16"
+timesteps = { kind = "uniform_int" }
+"#
+);
+
+#[typetag::serde(name = "sd3")]
+impl BackboneSpec for Sd3Spec {
+    fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
+        let (cfg, _) = self.source(ctx)?;
+        FlowMatch::new(self.timesteps.clone(), self.timestep_shift)?;
+        Ok(info(&cfg))
+    }
+
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
+        let (cfg, dir) = self.source(ctx)?;
+        let noise = FlowMatch::new(self.timesteps.clone(), self.timestep_shift)?;
+        let dtype = self.dtype(ctx);
+        let b = match dir {
+            Some(dir) => {
+                let allow = AllowList {
+                    missing: self.allow_missing.clone(),
+                    unused: self.allow_unused.clone(),
+                };
+                Sd3Backbone::load(&dir, ctx.device, dtype, &allow, noise)?
+            }
+            None => Sd3Backbone::random(&cfg, ctx.device, dtype, noise)?,
+        };
+        Ok(Box::new(b))
+    }
+}
+
+pub fn info(cfg: &Sd3Config) -> BackboneInfo {
+    BackboneInfo {
+        kind: KIND.into(),
+        prediction: Prediction::Velocity,
+        sites: sites(cfg),
+        conditioning: CONDITIONING.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// A loaded SD3 transformer: frozen weights (requires_grad off) in the chosen dtype.
+pub struct Sd3Backbone {
+    info: BackboneInfo,
+    vs: VarStore,
+    model: Sd3Transformer2DModel,
+    noise: FlowMatch,
+}
+
+impl Sd3Backbone {
+    /// Builds the modules (random init) in `dtype` on `device`, frozen.
+    pub fn random(cfg: &Sd3Config, device: Device, dtype: DType, noise: FlowMatch) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        vs.set_kind(dtype.kind());
+        let model = Sd3Transformer2DModel::new(vs.root(), cfg)?;
+        // The positional table is created in fp32; bring it to the model dtype too.
+        vs.set_kind(dtype.kind());
+        vs.freeze();
+        Ok(Self {
+            info: info(cfg),
+            vs,
+            model,
+            noise,
+        })
+    }
+
+    /// Loads a transformer folder strictly (see [`load_strict`]).
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        dtype: DType,
+        allow: &AllowList,
+        noise: FlowMatch,
+    ) -> Result<Self> {
+        let cfg = Sd3Config::from_file(&dir.join("config.json"))?;
+        let files = weight_files(dir, WEIGHTS_STEM)?;
+        let b = Self::random(&cfg, device, dtype, noise)?;
+        load_strict(&b.vs, &files, allow)?;
+        Ok(b)
+    }
+
+    pub fn model(&self) -> &Sd3Transformer2DModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &Sd3Config {
+        self.model.config()
+    }
+}
+
+impl Backbone for Sd3Backbone {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    fn noise(&self) -> &dyn NoiseProcess {
+        &self.noise
+    }
+
+    fn forward(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Conditioning,
+        hook: Option<&dyn SiteHook>,
+    ) -> Result<Tensor> {
+        let ehs = cond.get(CONDITIONING[0])?;
+        let pooled = cond.get(CONDITIONING[1])?;
+        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+        self.model.forward(x_t, t, ehs, pooled, hook)
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let cfg = serde_json::to_string_pretty(&self.config().to_json()).expect("json");
+        write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(
+            dir.join(format!("{WEIGHTS_STEM}.safetensors")),
+            &named_variables(&self.vs),
+            &meta,
+        )
+    }
+}

@@ -1,0 +1,189 @@
+//! Strict loading of diffusers-style safetensors checkpoints into a `VarStore`.
+//!
+//! Every model variable must come from the checkpoint and every checkpoint tensor must be
+//! used (tch's `VarStore::load` fills missing variables with nothing and ignores extras), unless
+//! an explicit allow-list says otherwise. Files are memory-mapped and copied tensor by tensor
+//! straight into the variables, converting to the variable's dtype on the way.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use softalign_core::tensors::MappedSafetensors;
+use softalign_core::{Error, Result};
+use tch::nn::VarStore;
+
+/// The weight files of a diffusers model folder: `{stem}.safetensors`, or the shards listed in
+/// `{stem}.safetensors.index.json`.
+pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if !index.is_file() {
+        return Err(Error::file(
+            dir,
+            format!("holds neither {stem}.safetensors nor {stem}.safetensors.index.json"),
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::file(&index, format!("weight_map[`{name}`] is not a string")))?;
+        let p = dir.join(file);
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// What a partial load may leave out, by exact name or by prefix ending in `.` or `*`
+/// (`transformer_blocks.3.` or `transformer_blocks.3*`).
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    /// Model variables that may be absent from the checkpoint (they keep their init).
+    pub missing: Vec<String>,
+    /// Checkpoint tensors that may go unused.
+    pub unused: Vec<String>,
+}
+
+fn allowed(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| {
+        if let Some(prefix) = p.strip_suffix('*') {
+            name.starts_with(prefix)
+        } else if p.ends_with('.') {
+            name.starts_with(p.as_str())
+        } else {
+            p == name
+        }
+    })
+}
+
+/// What a load did.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub loaded: usize,
+    /// Allowed-missing variables that kept their init.
+    pub missing: Vec<String>,
+    /// Allowed-unused checkpoint tensors.
+    pub unused: Vec<String>,
+}
+
+fn list(names: &[String]) -> String {
+    const MAX: usize = 20;
+    if names.len() <= MAX {
+        names.join(", ")
+    } else {
+        format!(
+            "{}, ... ({} more)",
+            names[..MAX].join(", "),
+            names.len() - MAX
+        )
+    }
+}
+
+/// Copies the tensors of `files` into the variables of `vs` (names as in the files), after
+/// checking that the names and shapes agree. Nothing is copied when any check fails.
+pub fn load_strict(vs: &VarStore, files: &[PathBuf], allow: &AllowList) -> Result<LoadReport> {
+    let mut maps = Vec::with_capacity(files.len());
+    for f in files {
+        maps.push(MappedSafetensors::open(f)?);
+    }
+    let mut source: BTreeMap<String, usize> = BTreeMap::new();
+    for (k, m) in maps.iter().enumerate() {
+        for n in m.names() {
+            if let Some(prev) = source.insert(n.clone(), k) {
+                return Err(Error::file(
+                    m.path(),
+                    format!(
+                        "tensor `{n}` is also in {} (shards must not overlap)",
+                        maps[prev].path().display()
+                    ),
+                ));
+            }
+        }
+    }
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut missing = Vec::new();
+    let mut missing_allowed = Vec::new();
+    let mut plan = Vec::new();
+    for name in names {
+        match source.get(name) {
+            Some(&k) => {
+                let want = vars[name].size();
+                let have = maps[k].shape(name)?;
+                if want != have {
+                    return Err(Error::file(
+                        maps[k].path(),
+                        format!("tensor `{name}` has shape {have:?}, the model expects {want:?}"),
+                    ));
+                }
+                plan.push((name.clone(), k));
+            }
+            None if allowed(&allow.missing, name) => missing_allowed.push(name.clone()),
+            None => missing.push(name.clone()),
+        }
+    }
+    let mut unused = Vec::new();
+    let mut unused_allowed = Vec::new();
+    for n in source.keys().filter(|n| !vars.contains_key(*n)) {
+        if allowed(&allow.unused, n) {
+            unused_allowed.push(n.clone());
+        } else {
+            unused.push(n.clone());
+        }
+    }
+    let where_ = list(&files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>());
+    if !missing.is_empty() || !unused.is_empty() {
+        let mut msg = String::new();
+        if !missing.is_empty() {
+            msg.push_str(&format!(
+                "{} model tensor(s) missing from the checkpoint: {}",
+                missing.len(),
+                list(&missing)
+            ));
+        }
+        if !unused.is_empty() {
+            if !msg.is_empty() {
+                msg.push_str("; ");
+            }
+            msg.push_str(&format!(
+                "{} checkpoint tensor(s) the model does not use: {}",
+                unused.len(),
+                list(&unused)
+            ));
+        }
+        msg.push_str(&format!(" (checkpoint: {where_})"));
+        return Err(Error::invalid(msg));
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, k) in &plan {
+        let src = maps[*k].tensor(name)?;
+        let mut dst = vars[name].shallow_clone();
+        dst.f_copy_(&src.to_device(dst.device()).to_kind(dst.kind()))
+            .map_err(|e| Error::tensor(name, e))?;
+    }
+    Ok(LoadReport {
+        loaded: plan.len(),
+        missing: missing_allowed,
+        unused: unused_allowed,
+    })
+}
+
+/// The variables of `vs` sorted by name, ready for `save_safetensors`.
+pub fn named_variables(vs: &VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut v: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
