@@ -1,7 +1,6 @@
 # Sourced by the Makefile targets and .ci/run. Makes sure torch 2.11.0 (the libtorch that
 # tch 0.24.0 binds) is installed once per machine in a per-user cache, then exports what the
 # build needs. Idempotent and safe to run from several clones at once (flock).
-set -euo pipefail
 
 SOFTALIGN_TORCH_VERSION=2.11.0
 SOFTALIGN_CACHE="${SOFTALIGN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/softalign}"
@@ -20,9 +19,10 @@ _install_torch() {
 }
 
 (
+    set -euo pipefail
     flock 9
     [ -f "$SOFTALIGN_VENV/.softalign-torch-ok" ] || _install_torch
-) 9>"$SOFTALIGN_CACHE/.lock"
+) 9>"$SOFTALIGN_CACHE/.lock" || { echo "softalign: installing torch failed" >&2; return 1 2>/dev/null || exit 1; }
 
 # Python reference packages for the parity tests (diffusers, transformers); only the test
 # command asks for them.
@@ -31,6 +31,7 @@ softalign_install_test_requirements() {
     local stamp
     stamp="$SOFTALIGN_VENV/.req-$(sha256sum "$req" | cut -c1-16)"
     (
+        set -euo pipefail
         flock 9
         if [ ! -f "$stamp" ]; then
             echo "softalign: installing Python test references from $req" >&2

@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// List every plugin a recipe can name, grouped by kind.
     List(cli::list::Args),
+    /// One SD3 transformer forward on tensors from a safetensors file (parity, debugging).
+    Forward(cli::forward::Args),
+    /// Time the MMDiT forward and forward+backward with and without soft tokens.
+    Bench(cli::bench::Args),
     /// Recipe tools.
     #[command(subcommand)]
     Recipe(cli::recipe::Command),
@@ -39,6 +43,8 @@ fn main() {
         Command::Recipe(c) => cli::recipe::run(c),
         Command::Loss(a) => cli::loss::run(a),
         Command::Train(a) => cli::train::run(a),
+        Command::Forward(a) => cli::forward::run(a),
+        Command::Bench(a) => cli::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -146,7 +146,10 @@ pub trait Backbone: Send {
     /// Samples (B, C, H, W) to RGB images (B, 3, H', W') in [-1, 1] (a VAE decode; the identity
     /// for pixel-space models).
     fn decode(&self, _samples: &Tensor) -> Result<Tensor> {
-        Err(Error::invalid(format!("backbone `{}` has no decoder to images", self.info().kind)))
+        Err(Error::invalid(format!(
+            "backbone `{}` has no decoder to images",
+            self.info().kind
+        )))
     }
     /// Writes the weights as a diffusers-style folder (config.json + safetensors), where the
     /// backbone supports it (full-parameter training saves its result this way).

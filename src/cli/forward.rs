@@ -1,0 +1,98 @@
+//! `softalign forward`: one denoiser forward on tensors from a safetensors file, for parity
+//! checks against diffusers and for debugging adapters.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use softalign_backbones::sd3::Sd3Spec;
+use softalign_core::adapter::{load_adapter, Injection, TokenSelection};
+use softalign_core::backbone::Conditioning;
+use softalign_core::dtype::{DType, DeviceSpec};
+use softalign_core::plugin::{BackboneSpec, BuildContext};
+use softalign_core::site::SiteHook;
+use softalign_core::tensors::{save_safetensors, MappedSafetensors};
+use tch::Kind;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// An SD3 transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
+    /// pipeline folder holding `transformer/`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Safetensors file with the forward's arguments, named as in diffusers:
+    /// `hidden_states` (B, C, H, W), `timestep` (B,), `encoder_hidden_states` (B, L, D),
+    /// `pooled_projections` (B, P).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Where to write `sample` (fp32).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// An adapter file (e.g. soft tokens) to apply; its first token set is used.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Token set of the adapter to use (default: its first).
+    #[arg(long)]
+    pub token_set: Option<String>,
+    /// Weight precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let dtype = DType::parse(&a.dtype).context("--dtype")?;
+    let device = DeviceSpec::parse(&a.device)
+        .and_then(|d| d.resolve())
+        .context("--device")?;
+    let ctx = BuildContext {
+        device,
+        recipe_dir: PathBuf::from("."),
+        dtype_override: Some(dtype),
+    };
+    let spec = Sd3Spec::from_path(&a.model);
+    let backbone = spec
+        .build(&ctx)
+        .with_context(|| format!("loading the model from {}", a.model.display()))?;
+    let file = MappedSafetensors::open(&a.inputs)
+        .with_context(|| format!("reading inputs {}", a.inputs.display()))?;
+    let get = |name: &str| {
+        file.tensor(name)
+            .with_context(|| format!("{}: tensor `{name}`", a.inputs.display()))
+            .map(|t| t.to_device(device))
+    };
+    let x = get("hidden_states")?;
+    let t = get("timestep")?.to_kind(Kind::Float);
+    let mut cond = Conditioning::new();
+    for name in &backbone.info().conditioning {
+        cond = cond.with(name, get(name)?);
+    }
+    let adapters = match &a.adapter {
+        Some(p) => vec![load_adapter(p, backbone.info(), device)
+            .with_context(|| format!("loading adapter {}", p.display()))?],
+        None => Vec::new(),
+    };
+    let inj = Injection {
+        adapters: &adapters,
+        selection: TokenSelection {
+            set: a.token_set.clone(),
+            ema: false,
+        },
+    };
+    let hook = (!adapters.is_empty()).then_some(&inj as &dyn SiteHook);
+    let _guard = tch::no_grad_guard();
+    let sample = backbone.forward(&x, &t, &cond, hook).context("forward")?;
+    save_safetensors(
+        &a.output,
+        &[("sample".to_string(), sample.to_kind(Kind::Float))],
+        &BTreeMap::new(),
+    )
+    .with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!(
+        "wrote `sample` {:?} to {}",
+        sample.size(),
+        a.output.display()
+    );
+    Ok(())
+}
