@@ -68,8 +68,14 @@ fn load(case: &str) -> Box<dyn Backbone> {
 
 fn cond(io: &BTreeMap<String, Tensor>) -> Conditioning {
     Conditioning::new()
-        .with("encoder_hidden_states", io["encoder_hidden_states"].shallow_clone())
-        .with("pooled_projections", io["pooled_projections"].shallow_clone())
+        .with(
+            "encoder_hidden_states",
+            io["encoder_hidden_states"].shallow_clone(),
+        )
+        .with(
+            "pooled_projections",
+            io["pooled_projections"].shallow_clone(),
+        )
 }
 
 fn max_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -146,7 +152,10 @@ fn token_spec(space: TokenSpace) -> SoftTokensSpec {
     let m = &fixtures().manifest["inject"];
     SoftTokensSpec {
         tokens: m["tokens"].as_i64().unwrap(),
-        sites: SiteSelector::One(format!("joint_blocks[0..{}]", m["blocks"].as_i64().unwrap())),
+        sites: SiteSelector::One(format!(
+            "joint_blocks[0..{}]",
+            m["blocks"].as_i64().unwrap()
+        )),
         time_buckets: m["buckets"].as_i64().unwrap(),
         shared_time_row: false,
         token_space: space,
@@ -196,13 +205,21 @@ fn injection(space: TokenSpace, name: &str) {
     };
     let _guard = tch::no_grad_guard();
     let out = bb
-        .forward(&io["hidden_states"], &io["timestep"], &cond(&io), Some(&inj))
+        .forward(
+            &io["hidden_states"],
+            &io["timestep"],
+            &cond(&io),
+            Some(&inj),
+        )
         .expect("forward");
     let want = &io[&format!("inject_{name}.sample")];
     let err = max_err(&out, want);
     let moved = max_err(want, &io["sample"]);
     println!("sd3 soft-token injection ({name} space): max abs error {err:.3e} (tokens move the output by {moved:.3})");
-    assert!(moved > 1e-2, "the reference tokens should change the output");
+    assert!(
+        moved > 1e-2,
+        "the reference tokens should change the output"
+    );
     assert!(err <= TOL, "{name}: max abs error {err:e} > {TOL:e}");
 }
 
@@ -284,11 +301,18 @@ fn flow_match_euler_schedule_matches_diffusers() {
                 .collect();
             assert_eq!(ours.len(), theirs.len(), "{key} {name}: length");
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{key} {name}[{i}]: ours {a}, diffusers {b}");
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{key} {name}[{i}]: ours {a}, diffusers {b}"
+                );
             }
         };
         cmp("timesteps", &ours.timesteps, &s["timesteps"]);
         cmp("sigmas", &ours.sigmas, &s["sigmas"]);
     }
-    println!("FlowMatch Euler schedules bit-identical to diffusers: {:?}", all.keys().collect::<Vec<_>>());
+    println!(
+        "FlowMatch Euler schedules bit-identical to diffusers: {:?}",
+        all.keys().collect::<Vec<_>>()
+    );
 }

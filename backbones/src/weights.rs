@@ -144,7 +144,12 @@ pub fn load_strict(vs: &VarStore, files: &[PathBuf], allow: &AllowList) -> Resul
             unused.push(n.clone());
         }
     }
-    let where_ = list(&files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>());
+    let where_ = list(
+        &files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>(),
+    );
     if !missing.is_empty() || !unused.is_empty() {
         let mut msg = String::new();
         if !missing.is_empty() {

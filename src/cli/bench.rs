@@ -91,10 +91,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let ms = |name: &str| rows.iter().find(|r| r.case == name).map(|r| r.ms_per_step);
     if let (Some(a), Some(b)) = (ms("forward"), ms("forward + soft tokens")) {
-        println!("soft-token overhead, forward: {:+.1}%", (b / a - 1.0) * 100.0);
+        println!(
+            "soft-token overhead, forward: {:+.1}%",
+            (b / a - 1.0) * 100.0
+        );
     }
     if let (Some(a), Some(b)) = (ms("fwd+bwd (to input)"), ms("fwd+bwd + soft tokens")) {
-        println!("soft-token overhead, fwd+bwd: {:+.1}%", (b / a - 1.0) * 100.0);
+        println!(
+            "soft-token overhead, fwd+bwd: {:+.1}%",
+            (b / a - 1.0) * 100.0
+        );
     }
     if matches!(cfg.device, tch::Device::Cuda(_)) {
         println!("(GPU memory: tch exposes no CUDA allocator statistics; host peak shown)");

@@ -89,6 +89,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &BTreeMap::new(),
     )
     .with_context(|| format!("writing {}", a.output.display()))?;
-    eprintln!("wrote `sample` {:?} to {}", sample.size(), a.output.display());
+    eprintln!(
+        "wrote `sample` {:?} to {}",
+        sample.size(),
+        a.output.display()
+    );
     Ok(())
 }

@@ -36,7 +36,8 @@ pub fn schedule(steps: usize, shift: f64) -> Result<Schedule> {
     let n = NUM_TRAIN_TIMESTEPS as f32;
     let shift32 = shift as f32;
     let shift_f32 = |s: f32| shift32 * s / (1.0 + (shift32 - 1.0) * s);
-    let sigma_max = shift_f32(n / n) as f64;
+    // The first training sigma is 1000 / 1000 = 1.
+    let sigma_max = shift_f32(1.0) as f64;
     let sigma_min = shift_f32(1.0 / n) as f64;
     let (start, stop) = (sigma_max * 1000.0, sigma_min * 1000.0);
     let ts: Vec<f64> = if steps == 1 {
@@ -118,7 +119,10 @@ fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> 
     let mut out = Conditioning::new();
     for (k, va) in &a.0 {
         let vb = b.0.get(k).ok_or_else(|| {
-            Error::tensor(k, "present in the unconditional but not the conditional input")
+            Error::tensor(
+                k,
+                "present in the unconditional but not the conditional input",
+            )
         })?;
         out = out.with(k, Tensor::cat(&[va, vb], 0));
     }
@@ -164,8 +168,10 @@ impl Sampler for FlowMatchEuler {
         let bar = req.progress.then(|| {
             let pb = indicatif::ProgressBar::new(n as u64);
             pb.set_style(
-                indicatif::ProgressStyle::with_template("sampling {bar:30} {pos}/{len} [{elapsed}<{eta}]")
-                    .expect("valid template"),
+                indicatif::ProgressStyle::with_template(
+                    "sampling {bar:30} {pos}/{len} [{elapsed}<{eta}]",
+                )
+                .expect("valid template"),
             );
             pb
         });

@@ -104,10 +104,19 @@ impl Attention {
             _ => None,
         };
         let qk = q.kind();
-        let h = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false)
-            .transpose(1, 2)
-            .reshape([b, -1, self.heads * self.head_dim])
-            .to_kind(qk);
+        let h = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([b, -1, self.heads * self.head_dim])
+        .to_kind(qk);
         match joint {
             Some(a) => {
                 let total = h.size()[1];

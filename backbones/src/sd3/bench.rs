@@ -104,7 +104,10 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
     let cond = Conditioning::new()
         .with(
             "encoder_hidden_states",
-            Tensor::randn([cfg.batch, cfg.text_len, m.joint_attention_dim], (kind, dev)),
+            Tensor::randn(
+                [cfg.batch, cfg.text_len, m.joint_attention_dim],
+                (kind, dev),
+            ),
         )
         .with(
             "pooled_projections",
@@ -149,7 +152,10 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
                     x.detach().set_requires_grad(true)
                 };
                 let out = bb.forward(&xi, &t, &cond, hook)?;
-                out.to_kind(Kind::Float).square().mean(Kind::Float).backward();
+                out.to_kind(Kind::Float)
+                    .square()
+                    .mean(Kind::Float)
+                    .backward();
             } else {
                 let _guard = tch::no_grad_guard();
                 let _out = bb.forward(&x, &t, &cond, hook)?;

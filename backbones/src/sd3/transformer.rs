@@ -195,7 +195,11 @@ impl Sd3Transformer2DModel {
                         TokenSpace::Context => c.joint_attention_dim,
                     };
                     let site = &hook.expect("tokens come from a hook").1[i].name;
-                    check_shape(&format!("tokens at {site}"), &t.tokens, &[Some(b), None, Some(want)])?;
+                    check_shape(
+                        &format!("tokens at {site}"),
+                        &t.tokens,
+                        &[Some(b), None, Some(want)],
+                    )?;
                     let t = t.into_joint(|v| self.embed_context(v)).to_kind(kind);
                     let n = t.size()[1];
                     let ctx_in = Tensor::cat(&[t, ctx.shallow_clone()], 1);
