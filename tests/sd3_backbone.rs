@@ -435,3 +435,41 @@ fn sampler_runs_cfg_with_per_branch_tokens() {
     };
     assert!(s1.allclose(&manual, 1e-6, 1e-6, false));
 }
+
+#[test]
+fn catalogue_entries_exist_and_their_examples_parse() {
+    use softalign_core::catalogue::{find, PluginKind};
+    let sd3 = find(PluginKind::Backbone, "sd3").expect("sd3 registered");
+    let t: toml::Table = toml::from_str(sd3.example).unwrap();
+    let spec: Box<dyn BackboneSpec> = t["backbone"].clone().try_into().unwrap();
+    assert!(format!("{spec:?}").contains("Sd3Spec"));
+    let fm = find(PluginKind::Sampler, "flow_match_euler").expect("sampler registered");
+    let t: toml::Table = toml::from_str(fm.example).unwrap();
+    let spec: Box<dyn SamplerSpec> = t["sampler"].clone().try_into().unwrap();
+    spec.validate().unwrap();
+}
+
+#[test]
+fn bench_runs_every_case() {
+    use softalign_backbones::sd3::bench::{run, BenchConfig};
+    let cfg = BenchConfig {
+        model: tiny(),
+        batch: 1,
+        resolution: 64,
+        text_len: 5,
+        iters: 1,
+        warmup: 0,
+        token_blocks: 2,
+        ..BenchConfig::small_cpu()
+    };
+    let rows = run(&cfg, |_| {}).unwrap();
+    assert_eq!(rows.len(), 4);
+    assert!(rows
+        .iter()
+        .all(|r| r.ms_per_step > 0.0 && r.pairs_per_s > 0.0));
+    let too_many = BenchConfig {
+        token_blocks: 9,
+        ..cfg
+    };
+    assert!(run(&too_many, |_| {}).is_err());
+}
