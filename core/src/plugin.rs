@@ -51,6 +51,10 @@ pub trait BackboneSpec: Debug + Send + Sync {
 
 #[typetag::serde(tag = "type")]
 pub trait AdapterSpec: Debug + Send + Sync {
+    /// Named token sets this adapter provides, and whether each keeps an EMA copy.
+    fn token_sets(&self) -> Vec<(String, bool)> {
+        Vec::new()
+    }
     fn validate(&self, backbone: &BackboneInfo) -> Result<()>;
     fn build(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<Box<dyn Adapter>>;
 }
@@ -58,8 +62,9 @@ pub trait AdapterSpec: Debug + Send + Sync {
 #[typetag::serde(tag = "type")]
 pub trait ObjectiveSpec: Debug + Send + Sync {
     fn validate(&self) -> Result<()>;
-    /// Token sets the objective uses (an adapter must provide each).
-    fn token_sets(&self) -> Vec<String> {
+    /// Token sets the objective uses, and whether it needs their EMA copies; recipe checks
+    /// that an adapter provides each.
+    fn token_sets(&self) -> Vec<(String, bool)> {
         Vec::new()
     }
     fn build(&self) -> Result<Box<dyn Objective>>;

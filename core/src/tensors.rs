@@ -144,7 +144,8 @@ pub fn save_safetensors(
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let bytes = safetensors::tensor::serialize(views, Some(meta))
+    // An empty metadata map is written as no metadata: some readers reject `{}` there.
+    let bytes = safetensors::tensor::serialize(views, (!meta.is_empty()).then_some(meta))
         .map_err(|e| Error::file(path, format!("serialising: {e}")))?;
     write_atomic(path, &bytes)
 }

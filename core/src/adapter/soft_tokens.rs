@@ -118,6 +118,10 @@ token_space = "joint"
 
 #[typetag::serde(name = "soft_tokens")]
 impl AdapterSpec for SoftTokensSpec {
+    fn token_sets(&self) -> Vec<(String, bool)> {
+        self.sets.iter().map(|s| (s.clone(), self.ema)).collect()
+    }
+
     fn validate(&self, backbone: &BackboneInfo) -> Result<()> {
         self.layout(backbone).map(|_| ())
     }

@@ -19,3 +19,5 @@ pub trait Dataset: Send {
     /// The samples at `indices` (drawn by the trainer from the run's seed).
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch>;
 }
+
+pub mod tensor_file;

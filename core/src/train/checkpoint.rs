@@ -1,0 +1,371 @@
+//! Checkpoints: `run_dir/checkpoints/step-{:08}` folders, each written into a temporary
+//! sibling and renamed into place, so a folder under a final name is always complete.
+//! `checkpoints/latest` (a relative symlink on Unix, a one-line file elsewhere) names the
+//! newest one and is swapped atomically; only the newest `keep` folders are kept.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::tensors::{save_safetensors, MappedSafetensors};
+use crate::{Error, Result};
+
+pub const PARAMS_FILE: &str = "params.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const EXTRA_FILE: &str = "extra_state.safetensors";
+pub const EMA_FILE: &str = "ema.safetensors";
+pub const STATE_FILE: &str = "state.json";
+pub const LATEST: &str = "latest";
+
+/// Where `--resume` continues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeFrom {
+    /// `run_dir/checkpoints/latest`.
+    Latest,
+    /// A checkpoint folder.
+    Dir(PathBuf),
+}
+
+impl ResumeFrom {
+    /// `latest` or a folder path, as written on the command line.
+    pub fn parse(s: &str) -> Self {
+        if s == LATEST {
+            ResumeFrom::Latest
+        } else {
+            ResumeFrom::Dir(PathBuf::from(s))
+        }
+    }
+}
+
+/// The trainer's scalars, saved as state.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointState {
+    /// Optimizer steps completed (skipped ones included).
+    pub step: u64,
+    pub seed: u64,
+    /// Consecutive non-finite steps just before this checkpoint.
+    pub bad_steps_in_row: u32,
+    /// Non-finite steps skipped so far in the run.
+    pub skipped_steps: u64,
+    /// sha256 of the resolved recipe the run was started with.
+    pub recipe_hash: String,
+    pub softalign_version: String,
+}
+
+/// What goes into one checkpoint.
+pub struct CheckpointContents<'a> {
+    pub state: CheckpointState,
+    pub params: &'a [(String, Tensor)],
+    pub optimizer: Vec<(String, Tensor)>,
+    pub extra: Vec<(String, Tensor)>,
+    pub ema: Option<&'a [(String, Tensor)]>,
+}
+
+/// A checkpoint read back.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub state: CheckpointState,
+    pub params: BTreeMap<String, Tensor>,
+    pub optimizer: BTreeMap<String, Tensor>,
+    pub extra: BTreeMap<String, Tensor>,
+    pub ema: Option<BTreeMap<String, Tensor>>,
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn parse_step_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.len() >= 8 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::file(path, e)
+}
+
+/// The complete checkpoint folders of a run, oldest first.
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let dir = checkpoints_dir(run_dir);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let entry = entry.map_err(io(&dir))?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(parse_step_dir) else {
+            continue;
+        };
+        let path = entry.path();
+        if path.is_dir() && !path.is_symlink() {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes leftovers of a process killed while writing (temporary folders; never a complete
+/// checkpoint).
+pub fn remove_partial(run_dir: &Path) -> Result<()> {
+    let dir = checkpoints_dir(run_dir);
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+        let entry = entry.map_err(io(&dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") || name.starts_with(".trash-") {
+            let p = entry.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).map_err(io(&p))?;
+            } else {
+                std::fs::remove_file(&p).map_err(io(&p))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) {
+    // Directory fsync makes the rename durable; not every platform allows opening a folder,
+    // and durability (unlike atomicity) is best-effort here.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Writes a checkpoint for `contents.state.step`, points `latest` at it and deletes all but
+/// the newest `keep` checkpoints. Returns the new folder.
+pub fn write_checkpoint(
+    run_dir: &Path,
+    contents: &CheckpointContents<'_>,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = checkpoints_dir(run_dir);
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let name = step_dir_name(contents.state.step);
+    let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    save(&tmp.join(PARAMS_FILE), contents.params)?;
+    save(&tmp.join(OPTIMIZER_FILE), &contents.optimizer)?;
+    save(&tmp.join(EXTRA_FILE), &contents.extra)?;
+    if let Some(ema) = contents.ema {
+        save(&tmp.join(EMA_FILE), ema)?;
+    }
+    let json = serde_json::to_vec_pretty(&contents.state)
+        .map_err(|e| Error::file(tmp.join(STATE_FILE), e))?;
+    crate::tensors::write_atomic(&tmp.join(STATE_FILE), &json)?;
+    fsync_dir(&tmp);
+
+    let final_dir = root.join(&name);
+    if final_dir.exists() {
+        // A run killed between this rename and the `latest` swap left a complete folder for
+        // this step; the resumed run recomputed it (identically) and replaces it.
+        let trash = root.join(format!(".trash-{name}-{}", std::process::id()));
+        std::fs::rename(&final_dir, &trash).map_err(io(&final_dir))?;
+        std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    set_latest(&root, &name)?;
+    fsync_dir(&root);
+    rotate(run_dir, keep, contents.state.step)?;
+    Ok(final_dir)
+}
+
+fn set_latest(root: &Path, name: &str) -> Result<()> {
+    let latest = root.join(LATEST);
+    #[cfg(unix)]
+    {
+        let tmp = root.join(format!(".tmp-latest-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(name, &tmp).map_err(io(&tmp))?;
+        // rename(2) replaces the old link itself (it does not follow it): readers see the
+        // old target or the new one.
+        std::fs::rename(&tmp, &latest).map_err(io(&latest))
+    }
+    #[cfg(not(unix))]
+    {
+        crate::tensors::write_atomic(&latest, name.as_bytes())
+    }
+}
+
+/// The folder `latest` points to, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let root = checkpoints_dir(run_dir);
+    let link = root.join(LATEST);
+    let target = match std::fs::read_link(&link) {
+        Ok(t) => t,
+        Err(_) if link.is_file() => {
+            PathBuf::from(std::fs::read_to_string(&link).map_err(io(&link))?.trim())
+        }
+        Err(_) => return Ok(None),
+    };
+    Ok(Some(if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    }))
+}
+
+fn rotate(run_dir: &Path, keep: usize, newest: u64) -> Result<()> {
+    let all = list_checkpoints(run_dir)?;
+    let n = all.len();
+    for (step, path) in all.into_iter().take(n.saturating_sub(keep)) {
+        if step == newest {
+            continue;
+        }
+        std::fs::remove_dir_all(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint folder a resume request names.
+pub fn resolve(run_dir: &Path, from: &ResumeFrom) -> Result<PathBuf> {
+    let dir = match from {
+        ResumeFrom::Latest => latest(run_dir)?.ok_or_else(|| {
+            Error::file(
+                checkpoints_dir(run_dir).join(LATEST),
+                "cannot resume from `latest`: this run folder has no checkpoint yet",
+            )
+        })?,
+        ResumeFrom::Dir(d) => d.clone(),
+    };
+    if !dir.join(STATE_FILE).is_file() {
+        return Err(Error::file(
+            &dir,
+            format!("not a checkpoint folder (no {STATE_FILE}); checkpoints are the step-NNNNNNNN folders under a run's checkpoints/"),
+        ));
+    }
+    Ok(dir)
+}
+
+/// An empty tensor list is written as no file at all: a safetensors file without tensors
+/// does not read back (safetensors 0.6 rejects its header).
+fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    save_safetensors(path, tensors, &BTreeMap::new())
+}
+
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if !path.exists() {
+        return Ok(BTreeMap::new());
+    }
+    MappedSafetensors::open(path)?.all()
+}
+
+/// Reads a whole checkpoint folder (tensors on the CPU).
+pub fn read_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| Error::file(&state_path, e))?;
+    let ema_path = dir.join(EMA_FILE);
+    let params_path = dir.join(PARAMS_FILE);
+    if !params_path.is_file() {
+        return Err(Error::file(&params_path, "missing from the checkpoint"));
+    }
+    Ok(LoadedCheckpoint {
+        dir: dir.to_path_buf(),
+        state,
+        params: read_tensors(&params_path)?,
+        optimizer: read_tensors(&dir.join(OPTIMIZER_FILE))?,
+        extra: read_tensors(&dir.join(EXTRA_FILE))?,
+        ema: if ema_path.exists() {
+            Some(read_tensors(&ema_path)?)
+        } else {
+            None
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: u64) -> CheckpointState {
+        CheckpointState {
+            step,
+            seed: 1,
+            bad_steps_in_row: 0,
+            skipped_steps: 0,
+            recipe_hash: "h".into(),
+            softalign_version: "0".into(),
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_and_latest_points_at_it() {
+        let run = tempfile::tempdir().unwrap();
+        let params = vec![("p".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))];
+        for step in [2u64, 4, 6, 8, 10] {
+            let c = CheckpointContents {
+                state: state(step),
+                params: &params,
+                optimizer: vec![],
+                extra: vec![],
+                ema: None,
+            };
+            write_checkpoint(run.path(), &c, 2).unwrap();
+        }
+        let steps: Vec<u64> = list_checkpoints(run.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(steps, [8, 10]);
+        let l = latest(run.path()).unwrap().unwrap();
+        assert_eq!(l.file_name().unwrap(), "step-00000010");
+        let names: Vec<String> = std::fs::read_dir(checkpoints_dir(run.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        let back = read_checkpoint(&resolve(run.path(), &ResumeFrom::Latest).unwrap()).unwrap();
+        assert_eq!(back.state.step, 10);
+        assert!(back.params["p"].equal(&params[0].1));
+    }
+
+    #[test]
+    fn resume_errors_name_the_folder() {
+        let run = tempfile::tempdir().unwrap();
+        let err = resolve(run.path(), &ResumeFrom::Latest)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checkpoints") && err.contains("latest"),
+            "{err}"
+        );
+        let bogus = run.path().join("nowhere");
+        let err = resolve(run.path(), &ResumeFrom::Dir(bogus.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&bogus.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn partial_folders_are_cleaned_and_never_listed() {
+        let run = tempfile::tempdir().unwrap();
+        let root = checkpoints_dir(run.path());
+        std::fs::create_dir_all(root.join(".tmp-step-00000004-123")).unwrap();
+        assert!(list_checkpoints(run.path()).unwrap().is_empty());
+        remove_partial(run.path()).unwrap();
+        assert!(!root.join(".tmp-step-00000004-123").exists());
+    }
+}
