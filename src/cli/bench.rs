@@ -19,7 +19,7 @@ pub struct Args {
     /// Text context length (SD3 default: 77 CLIP + 256 T5 = 333).
     #[arg(long, default_value_t = 77)]
     pub text_len: i64,
-    /// Timed iterations per case.
+    /// Timed iterations per case (cases run round-robin; the median is reported).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
@@ -34,7 +34,8 @@ pub struct Args {
     pub dtype: String,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Torch intra-op threads (default: torch's choice).
+    /// Torch intra-op threads (default: torch's choice). On a shared, busy CPU, 1 gives far
+    /// steadier (and often faster) figures than oversubscribed OpenMP threads.
     #[arg(long)]
     pub threads: Option<i32>,
 }

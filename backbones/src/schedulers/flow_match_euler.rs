@@ -36,7 +36,8 @@ pub fn schedule(steps: usize, shift: f64) -> Result<Schedule> {
     let n = NUM_TRAIN_TIMESTEPS as f32;
     let shift32 = shift as f32;
     let shift_f32 = |s: f32| shift32 * s / (1.0 + (shift32 - 1.0) * s);
-    let sigma_max = shift_f32(n / n) as f64;
+    // The first training sigma is 1000 / 1000 = 1.
+    let sigma_max = shift_f32(1.0) as f64;
     let sigma_min = shift_f32(1.0 / n) as f64;
     let (start, stop) = (sigma_max * 1000.0, sigma_min * 1000.0);
     let ts: Vec<f64> = if steps == 1 {

@@ -63,7 +63,8 @@ pub struct BenchRow {
     pub case: String,
     pub ms_per_step: f64,
     pub pairs_per_s: f64,
-    /// Process peak resident memory after the case (VmHWM), MiB.
+    /// Process peak resident memory (VmHWM) when the report is made, MiB: the high-water mark
+    /// of the whole run, not of one case.
     pub host_peak_mib: Option<f64>,
 }
 
@@ -136,42 +137,53 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
         adapters: &adapters,
         selection: TokenSelection::default(),
     };
-    let mut rows = Vec::new();
-    for (case, with_tokens, backward) in [
+    let cases = [
         ("forward", false, false),
         ("forward + soft tokens", true, false),
         ("fwd+bwd (to input)", false, true),
         ("fwd+bwd + soft tokens", true, true),
-    ] {
+    ];
+    let step = |with_tokens: bool, backward: bool| -> Result<()> {
         let hook = with_tokens.then_some(&inj as &dyn SiteHook);
-        let step = || -> Result<()> {
-            if backward {
-                let xi = if with_tokens {
-                    x.shallow_clone()
-                } else {
-                    x.detach().set_requires_grad(true)
-                };
-                let out = bb.forward(&xi, &t, &cond, hook)?;
-                out.to_kind(Kind::Float)
-                    .square()
-                    .mean(Kind::Float)
-                    .backward();
+        if backward {
+            let xi = if with_tokens {
+                x.shallow_clone()
             } else {
-                let _guard = tch::no_grad_guard();
-                let _out = bb.forward(&x, &t, &cond, hook)?;
-            }
-            Ok(())
-        };
+                x.detach().set_requires_grad(true)
+            };
+            let out = bb.forward(&xi, &t, &cond, hook)?;
+            out.to_kind(Kind::Float)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+        } else {
+            let _guard = tch::no_grad_guard();
+            let _out = bb.forward(&x, &t, &cond, hook)?;
+        }
+        Ok(())
+    };
+    for &(_, tok, bwd) in &cases {
         for _ in 0..cfg.warmup {
-            step()?;
+            step(tok, bwd)?;
         }
-        sync(dev);
-        let start = Instant::now();
-        for _ in 0..cfg.iters {
-            step()?;
+    }
+    // Round-robin over the cases so that load from other processes hits them alike; the
+    // median of each case's times is reported.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..cfg.iters {
+        for (k, &(_, tok, bwd)) in cases.iter().enumerate() {
+            sync(dev);
+            let start = Instant::now();
+            step(tok, bwd)?;
+            sync(dev);
+            times[k].push(start.elapsed().as_secs_f64());
         }
-        sync(dev);
-        let secs = start.elapsed().as_secs_f64() / cfg.iters as f64;
+    }
+    let mut rows = Vec::new();
+    for (k, &(case, _, _)) in cases.iter().enumerate() {
+        let v = &mut times[k];
+        v.sort_by(f64::total_cmp);
+        let secs = v[v.len() / 2];
         let row = BenchRow {
             case: case.into(),
             ms_per_step: secs * 1000.0,

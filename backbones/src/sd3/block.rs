@@ -112,7 +112,7 @@ impl JointTransformerBlock {
         let mut x = x + m.gate_msa.unsqueeze(1) * attn_out;
         if let (Some(attn2), Some((x2, g2))) = (&self.attn2, dual) {
             let (a2, _) = attn2.forward(&x2, None);
-            x = x + g2.unsqueeze(1) * a2;
+            x = &x + g2.unsqueeze(1) * a2;
         }
         let ff_in = modulate(&layer_norm(&x, 1e-6), &m.shift_mlp, &m.scale_mlp);
         let x = &x + m.gate_mlp.unsqueeze(1) * self.ff.forward(&ff_in);

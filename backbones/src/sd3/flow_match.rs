@@ -6,10 +6,11 @@ use softalign_core::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 /// The distribution of training timesteps. All draws use torch's global generator.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TimestepSampling {
     /// t ~ U{0, ..., 999}, sigma = t / 1000 (the SoftREPA reference).
+    #[default]
     UniformInt,
     /// sigma ~ U(0, 1).
     Uniform,
@@ -24,12 +25,6 @@ pub enum TimestepSampling {
 
 fn one() -> f64 {
     1.0
-}
-
-impl Default for TimestepSampling {
-    fn default() -> Self {
-        TimestepSampling::UniformInt
-    }
 }
 
 /// `shift * s / (1 + (shift - 1) * s)`: diffusers' static shift of sigma.
