@@ -91,18 +91,29 @@ fn compare(case: &str, out: &TextEncoderOutput) -> f64 {
     let mut check = |what: &str, got: &Tensor, want: &Tensor| {
         let err = max_err(got, want);
         println!("clip parity `{case}` {what}: max abs error {err:.3e}");
-        assert!(err <= TOL, "`{case}` {what}: max abs error {err:e} > {TOL:e}");
+        assert!(
+            err <= TOL,
+            "`{case}` {what}: max abs error {err:e} > {TOL:e}"
+        );
         worst = worst.max(err);
     };
     for (i, h) in out.hidden_states.iter().enumerate() {
-        check(&format!("hidden_states[{i}]"), h, &io[&format!("hidden_states.{i}")]);
+        check(
+            &format!("hidden_states[{i}]"),
+            h,
+            &io[&format!("hidden_states.{i}")],
+        );
     }
     check(
         "penultimate",
         out.penultimate(),
         &io[&format!("hidden_states.{}", n - 2)],
     );
-    check("last_hidden_state", &out.last_hidden_state, &io["last_hidden_state"]);
+    check(
+        "last_hidden_state",
+        &out.last_hidden_state,
+        &io["last_hidden_state"],
+    );
     check("pooled", &out.pooled, &io["pooled"]);
     match (&out.text_embeds, io.get("text_embeds")) {
         (Some(got), Some(want)) => check("text_embeds", got, want),
@@ -167,17 +178,17 @@ fn prefixed_layout_of_plain_model_loads() {
     for case in ["legacy_quick_gelu", "masked_tanh"] {
         let plain = run(&load(&fixtures().root.join(case).join("model")), case);
         let prefixed = run(&load(&fixtures().root.join(case).join("prefixed")), case);
-        assert_eq!(max_err(&plain.last_hidden_state, &prefixed.last_hidden_state), 0.0);
+        assert_eq!(
+            max_err(&plain.last_hidden_state, &prefixed.last_hidden_state),
+            0.0
+        );
         compare(case, &prefixed);
     }
 }
 
 #[test]
 fn save_pretrained_writes_transformers_names_and_round_trips() {
-    for (case, reference) in [
-        ("proj_gelu", "model"),
-        ("legacy_quick_gelu", "prefixed"),
-    ] {
+    for (case, reference) in [("proj_gelu", "model"), ("legacy_quick_gelu", "prefixed")] {
         let enc = load(&fixtures().root.join(case).join("model"));
         let dir = tempfile::tempdir().unwrap();
         enc.save_pretrained(dir.path()).expect("save");
@@ -193,7 +204,10 @@ fn save_pretrained_writes_transformers_names_and_round_trips() {
         )
         .unwrap()
         .names();
-        assert_eq!(saved, want, "`{case}`: saved names differ from transformers'");
+        assert_eq!(
+            saved, want,
+            "`{case}`: saved names differ from transformers'"
+        );
         let again = load(dir.path());
         assert_eq!(again.config(), enc.config());
         assert_eq!(again.with_projection(), enc.with_projection());
@@ -233,7 +247,10 @@ fn rewrite_checkpoint(
 #[test]
 fn strict_loading_names_missing_and_unused_tensors() {
     let extra = rewrite_checkpoint("proj_gelu", "extra", |t| {
-        t.insert("text_model.extra.weight".into(), Tensor::zeros([2], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "text_model.extra.weight".into(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        );
     });
     let err = TextEncoder::load(&extra, Device::Cpu, Kind::Float)
         .unwrap_err()
@@ -246,7 +263,10 @@ fn strict_loading_names_missing_and_unused_tensors() {
     let err = TextEncoder::load(&missing, Device::Cpu, Kind::Float)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("text_model.encoder.layers.1.mlp.fc2.bias"), "{err}");
+    assert!(
+        err.contains("text_model.encoder.layers.1.mlp.fc2.bias"),
+        "{err}"
+    );
 
     let reshaped = rewrite_checkpoint("legacy_quick_gelu", "shape", |t| {
         t.insert(
@@ -257,7 +277,10 @@ fn strict_loading_names_missing_and_unused_tensors() {
     let err = TextEncoder::load(&reshaped, Device::Cpu, Kind::Float)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("final_layer_norm.weight") && err.contains("31"), "{err}");
+    assert!(
+        err.contains("final_layer_norm.weight") && err.contains("31"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -265,7 +288,10 @@ fn missing_eos_is_an_error_outside_legacy_pooling() {
     let enc = load(&fixtures().root.join("proj_gelu").join("model"));
     let ids = Tensor::from_slice(&[6i64, 9, 10, 7, 6, 9, 10, 11]).view([2, 4]);
     let err = enc.encode(&ids).unwrap_err().to_string();
-    assert!(err.contains("[1]") && err.contains("eos_token_id 7"), "{err}");
+    assert!(
+        err.contains("[1]") && err.contains("eos_token_id 7"),
+        "{err}"
+    );
     let too_long = Tensor::full([1, 17], 7, (Kind::Int64, Device::Cpu));
     let err = enc.encode(&too_long).unwrap_err().to_string();
     assert!(err.contains("max_position_embeddings"), "{err}");
@@ -321,7 +347,13 @@ fn random_init_round_trips_through_save_pretrained() {
     let (a, b) = (enc.encode(&ids).unwrap(), again.encode(&ids).unwrap());
     assert_eq!(a.text_embeds.as_ref().unwrap().size(), [2, 8]);
     assert_eq!(a.hidden_states.len(), 3);
-    assert_eq!(max_err(a.text_embeds.as_ref().unwrap(), b.text_embeds.as_ref().unwrap()), 0.0);
+    assert_eq!(
+        max_err(
+            a.text_embeds.as_ref().unwrap(),
+            b.text_embeds.as_ref().unwrap()
+        ),
+        0.0
+    );
     // A projection without projection_dim is refused.
     cfg.projection_dim = None;
     assert!(TextEncoder::random(&cfg, true, Device::Cpu).is_err());

@@ -78,7 +78,10 @@ fn expected(key: &str) -> Vec<Vec<i64>> {
 }
 
 fn rust_ids(tok: &ClipTokenizer) -> Vec<Vec<i64>> {
-    CAPTIONS.iter().map(|c| tok.encode_ids(c).unwrap()).collect()
+    CAPTIONS
+        .iter()
+        .map(|c| tok.encode_ids(c).unwrap())
+        .collect()
 }
 
 fn assert_same(what: &str, got: &[Vec<i64>], want: &[Vec<i64>]) {
@@ -121,9 +124,21 @@ fn word_level_layout_is_clip_like() {
     let w = |s: &str| i64::from(t.token_to_id(s).unwrap());
     assert_eq!(
         &ids[..8],
-        &[0, w("a"), w("photo"), w("of"), w("a"), w("red"), w("cube"), 1]
+        &[
+            0,
+            w("a"),
+            w("photo"),
+            w("of"),
+            w("a"),
+            w("red"),
+            w("cube"),
+            1
+        ]
     );
-    assert!(ids[8..].iter().all(|&i| i == 1), "padded with <|endoftext|>");
+    assert!(
+        ids[8..].iter().all(|&i| i == 1),
+        "padded with <|endoftext|>"
+    );
     // Unknown words and punctuation outside the vocabulary become <|unk|>.
     let ids = t.encode_ids("a purple cube!").unwrap();
     assert_eq!(&ids[..6], &[0, w("a"), 2, w("cube"), 2, 1]);
@@ -165,8 +180,8 @@ fn word_level_rejects_words_that_could_never_occur() {
 #[test]
 fn clip_bpe_tokenizer_json_matches_transformers_with_eos_padding() {
     let f = fixtures();
-    let tok = ClipTokenizer::from_file(f.root.join("bpe_eos").join("tokenizer.json"), MAX_LEN)
-        .unwrap();
+    let tok =
+        ClipTokenizer::from_file(f.root.join("bpe_eos").join("tokenizer.json"), MAX_LEN).unwrap();
     assert_eq!(
         i64::from(tok.pad_id()),
         f.results["bpe_eos_pad_id"].as_i64().unwrap()
@@ -177,14 +192,18 @@ fn clip_bpe_tokenizer_json_matches_transformers_with_eos_padding() {
     let ids = tok.encode_ids("a RED cube").unwrap();
     assert_eq!(ids[2], red, "{ids:?}");
     assert_eq!(ids[4], i64::from(tok.eos_id()), "{ids:?}");
-    assert_same("CLIP BPE (pad <|endoftext|>)", &rust_ids(&tok), &expected("bpe_eos"));
+    assert_same(
+        "CLIP BPE (pad <|endoftext|>)",
+        &rust_ids(&tok),
+        &expected("bpe_eos"),
+    );
 }
 
 #[test]
 fn clip_bpe_tokenizer_reads_pad_token_from_its_folder() {
     let f = fixtures();
-    let tok = ClipTokenizer::from_file(f.root.join("bpe_bang").join("tokenizer.json"), MAX_LEN)
-        .unwrap();
+    let tok =
+        ClipTokenizer::from_file(f.root.join("bpe_bang").join("tokenizer.json"), MAX_LEN).unwrap();
     assert_eq!(tok.token_to_id("!"), Some(tok.pad_id()));
     assert_eq!(
         i64::from(tok.pad_id()),

@@ -287,7 +287,9 @@ impl ClipTextConfig {
         ];
         for (name, v) in positive {
             if v <= 0 {
-                return Err(Error::invalid(format!("`{name}` must be positive, got {v}")));
+                return Err(Error::invalid(format!(
+                    "`{name}` must be positive, got {v}"
+                )));
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
@@ -303,7 +305,7 @@ impl ClipTextConfig {
                 )));
             }
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(Error::invalid(format!(
                 "`layer_norm_eps` must be positive, got {}",
                 self.layer_norm_eps

@@ -316,10 +316,7 @@ impl ClipTextTransformer {
         }
         let ids = input_ids.to_device(self.embeddings.token_embedding.ws.device());
         let ids = ids.to_kind(Kind::Int64);
-        let (lo, hi) = (
-            ids.min().int64_value(&[]),
-            ids.max().int64_value(&[]),
-        );
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
         if lo < 0 || hi >= self.config.vocab_size {
             return Err(Error::tensor(
                 "input_ids",

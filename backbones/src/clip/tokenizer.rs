@@ -57,10 +57,9 @@ fn pad_token_of_folder(dir: &Path) -> Result<Option<String>> {
             .map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
         let pad = match json.get("pad_token") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => o
-                .get("content")
-                .and_then(|c| c.as_str())
-                .map(String::from),
+            Some(serde_json::Value::Object(o)) => {
+                o.get("content").and_then(|c| c.as_str()).map(String::from)
+            }
             _ => None,
         };
         if pad.is_some() {
@@ -90,7 +89,11 @@ impl ClipTokenizer {
     }
 
     /// Wraps a tokenizer and sets its padding and truncation to `max_length`.
-    pub fn from_tokenizer(mut inner: Tokenizer, max_length: usize, pad_token: &str) -> Result<Self> {
+    pub fn from_tokenizer(
+        mut inner: Tokenizer,
+        max_length: usize,
+        pad_token: &str,
+    ) -> Result<Self> {
         if max_length < 2 {
             return Err(Error::invalid(format!(
                 "max_length {max_length} leaves no room for BOS and EOS"
