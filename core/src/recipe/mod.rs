@@ -92,31 +92,46 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<LoadedRecipe> {
 }
 
 fn deserialize(table: &toml::Table, sources: &[Source], overrides: &[String]) -> Result<Recipe> {
-    // Round-trip through text so toml's deserializer reports a span, which we map back to the
-    // file and line where the user wrote the offending key.
+    // Round-trip through text so the deserializer sees one document; serde_path_to_error names
+    // the field that failed, which we map back to the file and line where the user wrote it.
     let text = toml::to_string(table)
         .map_err(|e| Error::Recipe(format!("cannot re-encode recipe: {e}")))?;
-    let err = match toml::from_str::<Recipe>(&text) {
+    let de = toml::Deserializer::parse(&text)
+        .map_err(|e| Error::Recipe(format!("cannot re-read recipe: {e}")))?;
+    let err = match serde_path_to_error::deserialize::<_, Recipe>(de) {
         Ok(r) => return Ok(r),
         Err(e) => e,
     };
-    let mut path = err
-        .span()
-        .map(|s| locate::path_at(&text, s.start))
-        .unwrap_or_default();
-    if path.is_empty() {
-        path = unknown_type_path(table, err.message()).unwrap_or_default();
+    let mut path: Vec<String> = err
+        .path()
+        .iter()
+        .filter_map(|seg| match seg {
+            serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+            serde_path_to_error::Segment::Map { key }
+            | serde_path_to_error::Segment::Enum { variant: key } => Some(key.clone()),
+            serde_path_to_error::Segment::Unknown => None,
+        })
+        .collect();
+    let inner = err.into_inner();
+    let message = inner.message().trim().to_string();
+    let plugin = unknown_type_path(table, &message);
+    if let Some(p) = &plugin {
+        path = p.clone();
+    } else if path.is_empty() && !message.starts_with("missing field") {
+        path = inner
+            .span()
+            .map(|s| locate::path_at(&text, s.start))
+            .unwrap_or_default();
     }
-    let mut msg =
-        plugin_message(&path, err.message()).unwrap_or_else(|| err.message().trim().to_string());
-    if !path.is_empty() && !msg.contains('`') {
-        msg = format!("field `{}`: {msg}", path.join("."));
-    } else if !path.is_empty() {
-        msg = format!("in `{}`: {msg}", path.join("."));
-    }
+    let msg = match plugin.as_ref().and_then(|p| plugin_message(p, &message)) {
+        Some(m) => format!("in `{}`: {m}", path.join(".")),
+        None if path.is_empty() => message,
+        None => format!("field `{}`: {message}", path.join(".")),
+    };
+    let dotted = path.join(".");
     let from_override = overrides.iter().find(|o| {
         let key = o.split('=').next().unwrap_or("").trim();
-        !path.is_empty() && (path.join(".").starts_with(key) || key.starts_with(&path.join(".")))
+        !dotted.is_empty() && (dotted.starts_with(key) || key.starts_with(&dotted))
     });
     let whence = match (from_override, locate::defined_at(sources, &path)) {
         (Some(o), _) => format!("--set {o}"),
