@@ -3,7 +3,9 @@
 //! transformers `CLIPTokenizer` (byte-level BPE) folders load here with identical ids, both
 //! padded and truncated the way diffusers calls CLIP's tokenizer. One Python run per binary
 //! (`tests/python/clip_tokenizer.py`).
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use softalign_backbones::clip::tokenizer::{BOS, EOS, UNK};
@@ -47,23 +49,8 @@ fn fixtures() -> &'static Fixtures {
             .expect("save tokenizer.json");
         let spec = serde_json::json!({"captions": CAPTIONS, "max_length": MAX_LEN});
         std::fs::write(dir.path().join("captions.json"), spec.to_string()).unwrap();
-        let py = std::env::var("SOFTALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/clip_tokenizer.py");
-        let out = std::process::Command::new(&py)
-            .arg(&script)
-            .arg(dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {py} (set SOFTALIGN_PYTHON): {e}"));
-        assert!(
-            out.status.success(),
-            "{} failed (tokenizers + transformers are required):\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let results = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("results.json")).expect("results"),
-        )
-        .expect("results json");
+        common::run_python("clip_tokenizer.py", dir.path());
+        let results = common::read_json(dir.path(), "results.json");
         Fixtures {
             root: dir.path().to_path_buf(),
             _dir: dir,

@@ -1,26 +1,13 @@
 //! `softalign loss` on a tiny diffusers SD3 checkpoint against a pair-by-pair Python reference
 //! (bare backbone), chunked and unchunked; a seeded run with adapters; and the shipped SD3
 //! recipes passing `softalign recipe check`.
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
 fn python_fixture() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let py = std::env::var("SOFTALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/objectives_sd3_reference.py");
-    let out = Command::new(&py)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
-    assert!(
-        out.status.success(),
-        "{}:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    common::python_fixture("objectives_sd3_reference.py")
 }
 
 fn softalign(args: &[&str]) -> serde_json::Value {

@@ -2,8 +2,10 @@
 //! `tests/python/sd3_fixtures.py` (run once per test binary), the soft-token injection against
 //! a Python reference of SoftREPA's Algorithm 1, the `softalign forward` command, and the
 //! FlowMatch Euler schedule against diffusers' scheduler.
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use softalign_backbones::schedulers::flow_match_euler::schedule;
@@ -28,24 +30,8 @@ struct Fixtures {
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let py = std::env::var("SOFTALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sd3_fixtures.py");
-        let out = std::process::Command::new(&py)
-            .arg(&script)
-            .arg(dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {py} (set SOFTALIGN_PYTHON): {e}"));
-        assert!(
-            out.status.success(),
-            "{} failed (diffusers + torch are required):\n{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let manifest: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest"),
-        )
-        .expect("manifest json");
+        let dir = common::python_fixture("sd3_fixtures.py");
+        let manifest = common::read_json(dir.path(), "manifest.json");
         Fixtures {
             root: dir.path().to_path_buf(),
             _dir: dir,

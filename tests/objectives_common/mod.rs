@@ -3,8 +3,11 @@
 //! tokens prepended at each selected block and their outputs dropped after it), a flow-matching
 //! noise process as SD3's (sigma = t / 1000), an in-memory dataset, and the Python fixture.
 #![allow(dead_code)]
+
+#[path = "../common/mod.rs"]
+mod python;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use softalign_core::adapter::Adapter;
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
@@ -188,22 +191,7 @@ ema_decay = 0.9
 
 /// Runs the Python reference into a fresh temp dir. Fails (never skips) without Python/torch.
 pub fn python_fixture() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let py = std::env::var("SOFTALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/objectives_reference.py");
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {py}: {e}"));
-    assert!(
-        out.status.success(),
-        "{} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    python::python_fixture("objectives_reference.py")
 }
 
 /// A batch file as `softalign loss` reads it.
