@@ -14,7 +14,8 @@ use super::build::Built;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModelArgs {
     /// A model folder (diffusers-style). Its type comes from `--backbone`, or else from
-    /// `model_index.json`'s `softalign_backbone` key, or `sd3` for a StableDiffusion3 pipeline.
+    /// `model_index.json`: a `softalign_backbone` key, or the pipeline class
+    /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3).
     #[arg(long, conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
     /// Or a recipe whose `[backbone]` table names the model.
@@ -58,6 +59,7 @@ pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
     }
     match json.get("_class_name").and_then(|v| v.as_str()) {
         Some(c) if c.starts_with("StableDiffusion3") => Ok("sd3".into()),
+        Some("SoftalignShapesPipeline") => Ok("shapes".into()),
         Some(c) => bail!(
             "{}: pipeline class `{c}` has no known backbone; pass --backbone",
             index.display()
