@@ -305,7 +305,7 @@ impl ClipTextConfig {
                 )));
             }
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(Error::invalid(format!(
                 "`layer_norm_eps` must be positive, got {}",
                 self.layer_norm_eps

@@ -148,7 +148,7 @@ impl ClipAttention {
 
 fn activate(act: Activation, xs: &Tensor) -> Tensor {
     match act {
-        Activation::QuickGelu => xs * (xs * 1.7).sigmoid(),
+        Activation::QuickGelu => xs * (xs * 1.702).sigmoid(),
         Activation::Gelu => xs.gelu("none"),
         Activation::GeluTanh => xs.gelu("tanh"),
     }
