@@ -1,4 +1,4 @@
-//! `softalign eval` on a tiny random shapes model: GenEval's folder layout, one results line
+//! `softalign eval` on a tiny shapes model: GenEval's folder layout, one results line
 //! per image, and a summary whose counts, accuracies and overall score follow from
 //! results.jsonl.
 mod shapes_demo_common;

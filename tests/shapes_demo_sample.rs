@@ -1,4 +1,4 @@
-//! `softalign sample` on a tiny random shapes model: N PNGs per prompt and a grid, the same
+//! `softalign sample` on a tiny shapes model: N PNGs per prompt and a grid, the same
 //! files again for the same seed, other images for another seed, and noise that depends on
 //! (seed, prompt, image) only, not on how prompts are batched.
 mod shapes_demo_common;

@@ -45,8 +45,24 @@ pub struct Args {
     pub set: Vec<String>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
-    #[command(flatten)]
-    pub gen: GenSettings,
+    /// Images per evaluation prompt.
+    #[arg(long, default_value_t = 2)]
+    pub n: usize,
+    /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// The scheduler's shift (default: the SoftREPA recipe's `[sampler]`, else 1).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    pub guidance: f64,
+    /// Noise seed shared by every model.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per backbone forward.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
     /// Prompts shown in the grids: the first this many of each category.
     #[arg(long, default_value_t = 1)]
     pub grid_per_tag: usize,
@@ -85,14 +101,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let gen = gen_settings(&a)?;
     let prompts = a.prompt_set.prompts();
     eprintln!(
         "demo -> {}: base {}, {} held-out prompts x {} images, {} sampling steps",
         out.display(),
         base.display(),
         prompts.len(),
-        a.gen.n,
-        a.gen.steps
+        gen.n,
+        gen.steps
     );
     let mut timings: Vec<(String, f64)> = Vec::new();
     let mut evaluated = Vec::new();
@@ -102,6 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     evaluated.push(eval_one(
         &a,
+        &gen,
         "base",
         &base_args,
         &prompts,
@@ -133,11 +151,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ..base_args.clone()
         };
         let label = format!("+{name}");
-        evaluated.push(eval_one(&a, &label, &m, &prompts, &out, &mut timings)?);
+        evaluated.push(eval_one(
+            &a,
+            &gen,
+            &label,
+            &m,
+            &prompts,
+            &out,
+            &mut timings,
+        )?);
     }
     let t = Instant::now();
     let grid_rows = grid_prompts(&prompts, a.grid_per_tag);
-    let per_row = a.gen.n.min(4);
+    let per_row = gen.n.min(4);
     let mut grids = Vec::new();
     for e in &evaluated[1..] {
         let file = format!(
@@ -172,7 +198,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let table = text_table(&cols);
-    let settings = settings(&a, &base, &prompts, &train_steps);
+    let settings = settings(&a, &gen, &base, &prompts, &train_steps);
     let report = report_markdown(&ReportInput {
         cols: &cols,
         settings: &settings,
@@ -197,6 +223,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn eval_one(
     a: &Args,
+    gen: &GenSettings,
     name: &str,
     model: &ModelArgs,
     prompts: &[EvalPrompt],
@@ -216,7 +243,7 @@ fn eval_one(
     let ev = evaluate(
         &m,
         prompts,
-        &a.gen,
+        gen,
         &dir,
         true,
         &format!("eval {name}"),
@@ -241,8 +268,11 @@ fn eval_one(
 }
 
 fn train_args(a: &Args, recipe: &Path, base: &Path, steps: u64, run_dir: &Path) -> TrainArgs {
+    // The training data is tokenized with the base model's own tokenizer.
+    let base = toml_string(&base.to_string_lossy());
     let mut set = vec![
-        format!("backbone.path={}", toml_string(&base.to_string_lossy())),
+        format!("backbone.path={base}"),
+        format!("data.tokenizer={base}"),
         format!("train.steps={steps}"),
     ];
     set.extend(a.set.iter().cloned());
@@ -254,6 +284,30 @@ fn train_args(a: &Args, recipe: &Path, base: &Path, steps: u64, run_dir: &Path) 
         allow_recipe_change: false,
         quiet: a.quiet,
     }
+}
+
+/// Sampling settings: the command line's, else the SoftREPA recipe's `[sampler]` (the
+/// schedule its author chose for this model).
+fn gen_settings(a: &Args) -> anyhow::Result<GenSettings> {
+    let recipe = softalign_core::recipe::load(&a.softrepa, &[])?;
+    let sampler = recipe.json.get("sampler");
+    let field = |k: &str| sampler.and_then(|s| s.get(k)).cloned();
+    let steps = match a.steps {
+        Some(s) => s,
+        None => field("steps").and_then(|v| v.as_u64()).unwrap_or(20) as usize,
+    };
+    let shift = match a.shift {
+        Some(s) => s,
+        None => field("shift").and_then(|v| v.as_f64()).unwrap_or(1.0),
+    };
+    Ok(GenSettings {
+        n: a.n,
+        seed: a.seed,
+        steps,
+        guidance: a.guidance,
+        shift,
+        batch: a.batch,
+    })
 }
 
 /// Measures the recipe's step time over a few steps and returns the steps that fit `minutes`.
@@ -305,6 +359,7 @@ fn read_samples(dir: &Path, prompt: usize, n: usize) -> anyhow::Result<Vec<RgbIm
 
 fn settings(
     a: &Args,
+    gen: &GenSettings,
     base: &Path,
     prompts: &[EvalPrompt],
     train: &[(&str, u64, Option<f64>)],
@@ -324,7 +379,7 @@ fn settings(
             "sampling".into(),
             format!(
                 "{} images per prompt, FlowMatch Euler {} steps, shift {}, guidance {}, noise seed {}",
-                a.gen.n, a.gen.steps, a.gen.shift, a.gen.guidance, a.gen.seed
+                gen.n, gen.steps, gen.shift, gen.guidance, gen.seed
             ),
         ),
         (

@@ -1,23 +1,30 @@
-//! Shared by the shapes demo tests: a tiny random shapes model folder and running the binary.
+//! Shared by the shapes demo tests: a tiny shapes base model folder and running the binary.
 #![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use softalign_backbones::sd3::flow_match::FlowMatch;
-use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
-use softalign_core::backbone::Backbone;
-use softalign_core::dtype::DType;
-use tch::Device;
-
-/// The `tiny` preset with random weights (seeded), saved as a pipeline folder.
+/// A tiny shapes base: the `tiny` preset after 2 pretraining steps of the project's pretrain
+/// recipe (a freshly initialised MMDiT predicts zero velocity through its zero-initialised
+/// output layers, so its samples would not depend on the prompt or the tokens).
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    tch::manual_seed(7);
-    let cfg = ShapesConfig::preset("tiny").unwrap();
-    let noise = FlowMatch::new(Default::default(), 1.0).unwrap();
-    let model = ShapesBackbone::random(&cfg, Device::Cpu, DType::F32, noise).unwrap();
-    let out = dir.join("tiny-base");
-    model.save_pretrained(&out).unwrap();
-    out
+    let run = dir.join("pretrain");
+    softalign(&[
+        "train",
+        "--recipe",
+        "recipes/shapes/pretrain.toml",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.warmup_steps=0",
+        "--set",
+        "train.images_per_step=4",
+        "--set",
+        "data.n=16",
+        "--quiet",
+        "--run-dir",
+        s(&run),
+    ]);
+    run.join("final")
 }
 
 pub fn softalign(args: &[&str]) -> Output {
