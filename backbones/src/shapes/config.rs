@@ -114,10 +114,12 @@ impl ShapesConfig {
         }
         match te.projection_dim {
             Some(p) if p == tr.pooled_projection_dim => {}
-            p => return bad(format!(
+            p => {
+                return bad(format!(
                 "text_encoder.projection_dim {p:?} must equal transformer.pooled_projection_dim {}",
                 tr.pooled_projection_dim
-            )),
+            ))
+            }
         }
         if tr.in_channels != 3 || tr.out_channels() != 3 {
             return bad(format!(
