@@ -34,6 +34,14 @@ enum Command {
     Loss(cli::loss::Args),
     /// Train a recipe's adapters (or, in full mode, the backbone) into a run folder.
     Train(cli::train::Args),
+    /// Generate images for prompts: PNG files and a grid.
+    Sample(cli::sample::Args),
+    /// Generate images for evaluation prompts, score them (shapes world) and summarise per
+    /// category with 95% intervals, in GenEval's formats.
+    Eval(cli::eval::Args),
+    /// The shapes-world demo: train SoftREPA and AGSM tokens on the shipped base, evaluate all
+    /// three, print one table and write report.md and grids.
+    Demo(cli::demo::Args),
 }
 
 fn main() {
@@ -43,6 +51,9 @@ fn main() {
         Command::Recipe(c) => cli::recipe::run(c),
         Command::Loss(a) => cli::loss::run(a),
         Command::Train(a) => cli::train::run(a),
+        Command::Sample(a) => cli::sample::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Demo(a) => cli::demo::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
     };

@@ -2,4 +2,5 @@
 pub mod clip;
 pub mod schedulers;
 pub mod sd3;
+pub mod shapes;
 pub mod weights;

@@ -112,7 +112,12 @@ impl ObjectiveTask {
         let idx: Vec<i64> = perm.narrow(0, 0, b).try_into()?;
         let idx: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
         let batch = self.dataset.batch(&idx, dev)?;
-        let timestep = self.backbone.noise().sample_timesteps(1, dev);
+        let n_t = if self.config.per_image_timesteps {
+            b
+        } else {
+            1
+        };
+        let timestep = self.backbone.noise().sample_timesteps(n_t, dev);
         let s = batch.x0.size();
         let noise = if self.config.per_image_noise {
             Tensor::randn(&s, (Kind::Float, dev))

@@ -1,8 +1,16 @@
 //! One file per subcommand.
 pub mod bench;
 pub mod build;
+pub mod demo;
+pub mod eval;
 pub mod forward;
+pub mod generate;
+pub mod grid;
 pub mod list;
 pub mod loss;
+pub mod model;
+pub mod progress;
 pub mod recipe;
+pub mod report;
+pub mod sample;
 pub mod train;

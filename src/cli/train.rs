@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use softalign_core::train::{train, ResumeFrom, TrainerOptions};
+use softalign_core::train::{train, ResumeFrom, TrainSummary, TrainerOptions};
 
 use super::build::Built;
 
@@ -30,6 +30,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    train_recipe(&a).map(|_| ())
+}
+
+/// `softalign train` itself, returning what the trainer reports (the demo trains through here).
+pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
     let built = Built::for_training(&a.recipe, &a.set)?;
     let r = &built.loaded.recipe;
     let run_dir = a.run_dir.clone().unwrap_or_else(|| {
@@ -67,5 +72,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into()),
         s.final_dir.display()
     );
-    Ok(())
+    Ok(s)
 }

@@ -38,6 +38,10 @@ pub struct TrainConfig {
     /// Draw one noise per image instead of one shared by the whole step (the reference shares).
     #[serde(default)]
     pub per_image_noise: bool,
+    /// Draw one timestep per image instead of one shared by the whole step (the reference
+    /// shares; pretraining a model from scratch learns faster with one per image).
+    #[serde(default)]
+    pub per_image_timesteps: bool,
     /// `adapter`: train the adapters on a frozen backbone; `full`: train the backbone itself.
     #[serde(default)]
     pub mode: TrainMode,

@@ -1,0 +1,355 @@
+//! `ShapesBackbone`: the shapes world's text-to-image denoiser. One VarStore holds both
+//! sub-models under the pipeline's folder names (`text_encoder.text_model.*`,
+//! `text_encoder.text_projection.weight`, `transformer.*`), so full-parameter training trains
+//! the text tower and the MMDiT jointly.
+//!
+//! Conditioning is `input_ids` (B, L). The forward encodes them with the CLIP tower and feeds
+//! the MMDiT `last_hidden_state` as `encoder_hidden_states` and `text_projection(pooled)` as
+//! `pooled_projections`. The last layer (not SD3's penultimate) because the tower is trained
+//! from scratch together with the MMDiT: the penultimate would leave its last layer training
+//! for the pooled vector only.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
+use softalign_core::dtype::DType;
+use softalign_core::site::SiteHook;
+use softalign_core::tensors::{save_safetensors, write_atomic};
+use softalign_core::{Error, Result};
+use tch::nn::{self, Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use super::config::ShapesConfig;
+use crate::clip::{ClipTextTransformer, ClipTokenizer, InitMode, TextEncoder, TOWER_PREFIX};
+use crate::sd3::transformer::sites;
+use crate::sd3::{FlowMatch, Sd3Backbone, Sd3Transformer2DModel};
+use crate::weights::AllowList;
+
+pub const KIND: &str = "shapes";
+/// The one conditioning tensor the forward takes.
+pub const INPUT_IDS: &str = "input_ids";
+pub const TEXT_ENCODER: &str = "text_encoder";
+pub const TRANSFORMER: &str = "transformer";
+pub const TOKENIZER_FILE: &str = "tokenizer/tokenizer.json";
+/// `model_index.json`'s class name for this pipeline (no diffusers class runs it as a whole;
+/// each sub-folder loads with its own diffusers / transformers class).
+pub const PIPELINE_CLASS: &str = "SoftalignShapesPipeline";
+
+pub fn info(cfg: &ShapesConfig) -> BackboneInfo {
+    BackboneInfo {
+        kind: KIND.into(),
+        prediction: Prediction::Velocity,
+        sites: sites(&cfg.transformer),
+        conditioning: vec![INPUT_IDS.to_string()],
+    }
+}
+
+pub struct ShapesBackbone {
+    info: BackboneInfo,
+    config: ShapesConfig,
+    vs: VarStore,
+    text: ClipTextTransformer,
+    text_projection: nn::Linear,
+    transformer: Sd3Transformer2DModel,
+    tokenizer: ClipTokenizer,
+    noise: FlowMatch,
+}
+
+impl std::fmt::Debug for ShapesBackbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShapesBackbone")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Zeroes the variables under `prefixes`: DiT's initialisation (Peebles & Xie 2023, 3.2), every
+/// block's adaLN modulation and the output layer start at zero, so each joint block starts as
+/// the identity and the first prediction is 0.
+fn dit_zero_init(vs: &VarStore, cfg: &ShapesConfig) {
+    let _guard = tch::no_grad_guard();
+    let mut prefixes = vec![
+        format!("{TRANSFORMER}.norm_out.linear."),
+        format!("{TRANSFORMER}.proj_out."),
+    ];
+    for i in 0..cfg.transformer.num_layers {
+        for n in ["norm1", "norm1_context"] {
+            prefixes.push(format!("{TRANSFORMER}.transformer_blocks.{i}.{n}.linear."));
+        }
+    }
+    for (name, mut t) in vs.variables() {
+        if prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            let _ = t.zero_();
+        }
+    }
+}
+
+impl ShapesBackbone {
+    fn build(
+        cfg: &ShapesConfig,
+        tokenizer: ClipTokenizer,
+        device: Device,
+        noise: FlowMatch,
+        init: InitMode,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if tokenizer.vocab_size() as i64 > cfg.text_encoder.vocab_size {
+            return Err(Error::invalid(format!(
+                "the tokenizer has {} tokens, the text encoder's vocab_size is {}",
+                tokenizer.vocab_size(),
+                cfg.text_encoder.vocab_size
+            )));
+        }
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let te = &root / TEXT_ENCODER;
+        let text = ClipTextTransformer::new(&te / TOWER_PREFIX, &cfg.text_encoder, init)?;
+        let width = cfg.text_encoder.hidden_size;
+        let proj = cfg.text_encoder.projection_dim.unwrap_or(width);
+        // transformers' init for text_projection: normal(std = hidden_size^-0.5), no bias.
+        let std = (width as f64).powf(-0.5);
+        let text_projection =
+            crate::clip::model::linear(&te / "text_projection", width, proj, false, std, init);
+        let transformer = Sd3Transformer2DModel::new(&root / TRANSFORMER, &cfg.transformer)?;
+        Ok(Self {
+            info: info(cfg),
+            config: cfg.clone(),
+            vs,
+            text,
+            text_projection,
+            transformer,
+            tokenizer,
+            noise,
+        })
+    }
+
+    /// A freshly initialised model in `dtype` (seed with `tch::manual_seed`): transformers'
+    /// CLIP init, PyTorch's default layer init for the MMDiT, with DiT's zero init of the
+    /// modulations and the output layer.
+    pub fn random(
+        cfg: &ShapesConfig,
+        device: Device,
+        dtype: DType,
+        noise: FlowMatch,
+    ) -> Result<Self> {
+        let tokenizer = super::config::world_tokenizer(cfg.max_length())?;
+        let mut b = Self::build(cfg, tokenizer, device, noise, InitMode::Random)?;
+        dit_zero_init(&b.vs, cfg);
+        b.vs.set_kind(dtype.kind());
+        b.vs.freeze();
+        Ok(b)
+    }
+
+    /// Loads a pipeline folder written by [`Backbone::save_pretrained`]: each sub-model strictly
+    /// (every tensor used, every variable filled) with its own loader, then moved into the one
+    /// VarStore.
+    pub fn load(dir: &Path, device: Device, dtype: DType, noise: FlowMatch) -> Result<Self> {
+        let index = dir.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::file(
+                dir,
+                "no model_index.json: not a shapes pipeline folder (text_encoder/, transformer/, \
+                 tokenizer/)",
+            ));
+        }
+        let cfg = ShapesConfig::from_dir(dir)?;
+        let tokenizer = ClipTokenizer::from_file(dir.join(TOKENIZER_FILE), cfg.max_length())?;
+        let te = TextEncoder::load(dir.join(TEXT_ENCODER), Device::Cpu, Kind::Float)?;
+        if !te.with_projection() {
+            return Err(Error::file(
+                dir.join(TEXT_ENCODER),
+                "no text_projection.weight: the shapes model pools through the projection \
+                 (CLIPTextModelWithProjection)",
+            ));
+        }
+        let tr = Sd3Backbone::load(
+            &dir.join(TRANSFORMER),
+            Device::Cpu,
+            DType::F32,
+            &AllowList::default(),
+            noise.clone(),
+        )?;
+        let mut sources: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (n, t) in te.named_tensors() {
+            sources.insert(format!("{TEXT_ENCODER}.{n}"), t);
+        }
+        for (n, t) in tr.var_store().variables() {
+            sources.insert(format!("{TRANSFORMER}.{n}"), t);
+        }
+        let mut b = Self::build(&cfg, tokenizer, device, noise, InitMode::Placeholder)?;
+        let vars = b.vs.variables();
+        // Both loaders were strict against the same module structure, so the names agree; a
+        // mismatch here is a bug, reported rather than half-loaded.
+        if vars.len() != sources.len() || vars.keys().any(|k| !sources.contains_key(k)) {
+            let missing: Vec<&String> = vars.keys().filter(|k| !sources.contains_key(*k)).collect();
+            return Err(Error::invalid(format!(
+                "{}: {} variables, {} loaded tensors (unfilled: {missing:?})",
+                dir.display(),
+                vars.len(),
+                sources.len()
+            )));
+        }
+        {
+            let _guard = tch::no_grad_guard();
+            for (name, mut dst) in vars {
+                dst.f_copy_(&sources[&name].to_device(device).to_kind(dst.kind()))
+                    .map_err(|e| Error::tensor(&name, e))?;
+            }
+        }
+        b.vs.set_kind(dtype.kind());
+        b.vs.freeze();
+        Ok(b)
+    }
+
+    pub fn config(&self) -> &ShapesConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn transformer(&self) -> &Sd3Transformer2DModel {
+        &self.transformer
+    }
+
+    /// The MMDiT's text inputs for `input_ids`: (`encoder_hidden_states` (B, L, D),
+    /// `pooled_projections` (B, P)).
+    pub fn encode_ids(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let out = self.text.forward(input_ids, None)?;
+        let pooled = self.text_projection.forward(&out.pooled);
+        Ok((out.last_hidden_state, pooled))
+    }
+
+    fn sub_tensors(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter_map(|(n, t)| {
+                n.strip_prefix(prefix)
+                    .and_then(|r| r.strip_prefix('.'))
+                    .map(|r| (r.to_string(), t))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn model_index(&self) -> serde_json::Value {
+        serde_json::json!({
+            "_class_name": PIPELINE_CLASS,
+            "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "SD3Transformer2DModel"],
+        })
+    }
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("json serialises");
+    write_atomic(path, text.as_bytes())
+}
+
+impl Backbone for ShapesBackbone {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    fn noise(&self) -> &dyn NoiseProcess {
+        &self.noise
+    }
+
+    fn forward(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Conditioning,
+        hook: Option<&dyn SiteHook>,
+    ) -> Result<Tensor> {
+        let (ehs, pooled) = self.encode_ids(cond.get(INPUT_IDS)?)?;
+        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+        self.transformer.forward(x_t, t, &ehs, &pooled, hook)
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    /// Prompts as `input_ids` (B, L), L = the text tower's positions. The unconditional
+    /// prompt for classifier-free guidance is `""` (BOS, EOS, padding), which the
+    /// pretraining's caption dropout teaches.
+    fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
+        let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let ids = self.tokenizer.encode(&texts, self.device())?;
+        Ok(Conditioning::new().with(INPUT_IDS, ids))
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        Some(self.config.sample_shape())
+    }
+
+    /// Pixel space: the samples are the images, clamped to [-1, 1].
+    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        let s = samples.size();
+        if s.len() != 4 || s[1] != 3 {
+            return Err(Error::tensor(
+                "samples",
+                format!("shape {s:?}, expected (B, 3, H, W) RGB pixels"),
+            ));
+        }
+        Ok(samples.to_kind(Kind::Float).clamp(-1.0, 1.0))
+    }
+
+    /// A diffusers-style pipeline folder: model_index.json, text_encoder/ (transformers
+    /// CLIPTextModelWithProjection), transformer/ (diffusers SD3Transformer2DModel),
+    /// tokenizer/tokenizer.json and scheduler/scheduler_config.json.
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| Error::file(d, e));
+        let te_dir = dir.join(TEXT_ENCODER);
+        let tr_dir = dir.join(TRANSFORMER);
+        let tok_dir = dir.join("tokenizer");
+        let sched_dir = dir.join("scheduler");
+        for d in [&te_dir, &tr_dir, &tok_dir, &sched_dir] {
+            mkdir(d)?;
+        }
+        write_json(&dir.join("model_index.json"), &self.model_index())?;
+        write_json(
+            &te_dir.join("config.json"),
+            &self.config.text_encoder.to_json(true),
+        )?;
+        save_safetensors(
+            te_dir.join("model.safetensors"),
+            &self.sub_tensors(TEXT_ENCODER),
+            &meta,
+        )?;
+        write_json(
+            &tr_dir.join("config.json"),
+            &self.config.transformer.to_json(),
+        )?;
+        save_safetensors(
+            tr_dir.join(format!("{}.safetensors", crate::sd3::spec::WEIGHTS_STEM)),
+            &self.sub_tensors(TRANSFORMER),
+            &meta,
+        )?;
+        self.tokenizer.save(dir.join(TOKENIZER_FILE))?;
+        // The training noise is SD3's rectified flow; `shift` is what this model samples with
+        // by default, as SD3's own scheduler config records its shift.
+        write_json(
+            &sched_dir.join("scheduler_config.json"),
+            &serde_json::json!({
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "_diffusers_version": "0.42.1",
+                "num_train_timesteps": 1000,
+                "shift": 1.0,
+            }),
+        )
+    }
+}

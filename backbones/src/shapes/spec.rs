@@ -1,0 +1,106 @@
+//! The `shapes` backbone plugin: the shapes world's pipeline folder, or the `tiny` preset with
+//! random weights (what `recipes/shapes/pretrain.toml` trains from).
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use softalign_core::backbone::{Backbone, BackboneInfo};
+use softalign_core::dtype::DType;
+use softalign_core::plugin::{BackboneSpec, BuildContext};
+use softalign_core::{register_plugin, Error, Result};
+
+use super::config::ShapesConfig;
+use super::model::{info, ShapesBackbone};
+use crate::sd3::{FlowMatch, TimestepSampling};
+
+fn default_shift() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapesSpec {
+    /// A pipeline folder (model_index.json, text_encoder/, transformer/, tokenizer/).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `tiny`: random weights in this project's own config.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Storage precision of the weights (default f32).
+    #[serde(default)]
+    pub dtype: Option<DType>,
+    /// Training timestep distribution (default: uniform_int, the SoftREPA reference).
+    #[serde(default)]
+    pub timesteps: TimestepSampling,
+    /// Shift applied to the drawn sigma (1.0: none).
+    #[serde(default = "default_shift")]
+    pub timestep_shift: f64,
+}
+
+impl ShapesSpec {
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            preset: None,
+            dtype: None,
+            timesteps: TimestepSampling::default(),
+            timestep_shift: 1.0,
+        }
+    }
+
+    pub fn preset(name: &str) -> Self {
+        Self {
+            path: None,
+            preset: Some(name.into()),
+            ..Self::from_path("")
+        }
+    }
+
+    fn source(&self, ctx: &BuildContext) -> Result<(ShapesConfig, Option<PathBuf>)> {
+        match (&self.path, &self.preset) {
+            (Some(p), None) => {
+                let dir = ctx.resolve(p);
+                Ok((ShapesConfig::from_dir(&dir)?, Some(dir)))
+            }
+            (None, Some(name)) => Ok((ShapesConfig::preset(name)?, None)),
+            _ => Err(Error::Recipe(
+                "backbone shapes: give exactly one of `path` and `preset`".into(),
+            )),
+        }
+    }
+
+    fn noise(&self) -> Result<FlowMatch> {
+        FlowMatch::new(self.timesteps.clone(), self.timestep_shift)
+    }
+}
+
+register_plugin!(
+    SHAPES_ENTRY,
+    Backbone,
+    "shapes",
+    "The shapes world's pixel-space text-to-image model: CLIP text tower + SD3 MMDiT, flow matching",
+    r#"[backbone]
+type = "shapes"
+path = "assets/shapes-base"
+timesteps = { kind = "uniform_int" }
+"#
+);
+
+#[typetag::serde(name = "shapes")]
+impl BackboneSpec for ShapesSpec {
+    fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
+        let (cfg, _) = self.source(ctx)?;
+        self.noise()?;
+        Ok(info(&cfg))
+    }
+
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
+        let (cfg, dir) = self.source(ctx)?;
+        let noise = self.noise()?;
+        let dtype = ctx.dtype_override.or(self.dtype).unwrap_or_default();
+        let b = match dir {
+            Some(dir) => ShapesBackbone::load(&dir, ctx.device, dtype, noise)?,
+            None => ShapesBackbone::random(&cfg, ctx.device, dtype, noise)?,
+        };
+        Ok(Box::new(b))
+    }
+}

@@ -1,0 +1,430 @@
+//! `softalign demo`: the README's main command. On the shipped shapes base model it trains
+//! soft tokens with the SoftREPA and the AGSM recipe (through `softalign train`'s code),
+//! evaluates base, + SoftREPA and + AGSM on the held-out prompts from the same noise, prints
+//! one table and writes `report.md` and comparison grids into the run folder.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use image::RgbImage;
+use softalign_worlds::geneval::{prompt_dir, EvalPrompt, Summary, Tag};
+
+use super::eval::{evaluate, PromptSet};
+use super::generate::GenSettings;
+use super::grid::{grid, save_png};
+use super::model::{Model, ModelArgs};
+use super::report::{report_markdown, text_table, Column, ReportInput};
+use super::train::{train_recipe, Args as TrainArgs};
+
+/// Steps a minutes budget is measured over before the real run.
+const PROBE_STEPS: u64 = 3;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The run folder (default: runs/demo-<UTC timestamp>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The base model folder.
+    #[arg(long, default_value = "assets/shapes-base")]
+    pub base: PathBuf,
+    /// The SoftREPA recipe.
+    #[arg(long, default_value = "recipes/shapes/softrepa.toml")]
+    pub softrepa: PathBuf,
+    /// The AGSM recipe.
+    #[arg(long, default_value = "recipes/shapes/agsm.toml")]
+    pub agsm: PathBuf,
+    /// Optimizer steps per recipe.
+    #[arg(long, default_value_t = 150)]
+    pub train_steps: u64,
+    /// Instead of --train-steps: train each recipe for about this long (its step time is
+    /// measured on a few steps first).
+    #[arg(long)]
+    pub minutes_per_recipe: Option<f64>,
+    /// Extra recipe overrides for both recipes (`--set train.lr=5e-3`, repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub prompt_set: PromptSet,
+    /// Images per evaluation prompt.
+    #[arg(long, default_value_t = 2)]
+    pub n: usize,
+    /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// The scheduler's shift (default: the SoftREPA recipe's `[sampler]`, else 1).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 4.0)]
+    pub guidance: f64,
+    /// Noise seed shared by every model.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per backbone forward.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Prompts shown in the grids: the first this many of each category.
+    #[arg(long, default_value_t = 1)]
+    pub grid_per_tag: usize,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// One model's column in the comparison.
+struct Evaluated {
+    name: String,
+    dir: PathBuf,
+    summary: Summary,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    if !a.base.is_dir() {
+        bail!(
+            "{}: no base model there (the repository ships it under assets/shapes-base; pass \
+             --base DIR for another)",
+            a.base.display()
+        );
+    }
+    let base = a
+        .base
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.base.display()))?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(format!("demo-{}", utc_timestamp())));
+    if out.join("report.md").exists() {
+        bail!(
+            "{} already holds a demo run; choose another --out",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let gen = gen_settings(&a)?;
+    let prompts = a.prompt_set.prompts();
+    eprintln!(
+        "demo -> {}: base {}, {} held-out prompts x {} images, {} sampling steps",
+        out.display(),
+        base.display(),
+        prompts.len(),
+        gen.n,
+        gen.steps
+    );
+    let mut timings: Vec<(String, f64)> = Vec::new();
+    let mut evaluated = Vec::new();
+    let base_args = ModelArgs {
+        model: Some(base.clone()),
+        ..Default::default()
+    };
+    evaluated.push(eval_one(
+        &a,
+        &gen,
+        "base",
+        &base_args,
+        &prompts,
+        &out,
+        &mut timings,
+    )?);
+    let mut train_steps = Vec::new();
+    for (name, recipe) in [("SoftREPA", a.softrepa.clone()), ("AGSM", a.agsm.clone())] {
+        let slug = name.to_lowercase();
+        let t = Instant::now();
+        let steps = match a.minutes_per_recipe {
+            Some(m) => probe_steps(&a, &recipe, &base, &out.join(format!("probe-{slug}")), m)?,
+            None => a.train_steps,
+        };
+        let run_dir = out.join(format!("train-{slug}"));
+        eprintln!(
+            "training {name} tokens ({}; {steps} steps)",
+            recipe.display()
+        );
+        let s = train_recipe(&train_args(&a, &recipe, &base, steps, &run_dir))?;
+        timings.push((
+            format!("train {name} ({steps} steps)"),
+            t.elapsed().as_secs_f64(),
+        ));
+        train_steps.push((name, steps, s.last_loss));
+        let adapter = s.final_dir.join("adapter.safetensors");
+        let m = ModelArgs {
+            adapter: Some(adapter),
+            ..base_args.clone()
+        };
+        let label = format!("+{name}");
+        evaluated.push(eval_one(
+            &a,
+            &gen,
+            &label,
+            &m,
+            &prompts,
+            &out,
+            &mut timings,
+        )?);
+    }
+    let t = Instant::now();
+    let grid_rows = grid_prompts(&prompts, a.grid_per_tag);
+    let per_row = gen.n.min(4);
+    let mut grids = Vec::new();
+    for e in &evaluated[1..] {
+        let file = format!(
+            "grid-base-vs-{}.png",
+            e.name.trim_start_matches('+').to_lowercase()
+        );
+        let rows = grid_rows
+            .iter()
+            .map(|&p| {
+                Ok(vec![
+                    read_samples(&evaluated[0].dir, p, per_row)?,
+                    read_samples(&e.dir, p, per_row)?,
+                ])
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        save_png(&grid(&rows, 4)?, &out.join(&file))?;
+        grids.push((
+            file,
+            format!(
+                "Left: base; right: {} (same noise seeds per column).",
+                e.name
+            ),
+        ));
+    }
+    timings.push(("grids".into(), t.elapsed().as_secs_f64()));
+    timings.push(("total".into(), start.elapsed().as_secs_f64()));
+    let cols: Vec<Column<'_>> = evaluated
+        .iter()
+        .map(|e| Column {
+            name: &e.name,
+            summary: &e.summary,
+        })
+        .collect();
+    let table = text_table(&cols);
+    let settings = settings(&a, &gen, &base, &prompts, &train_steps);
+    let report = report_markdown(&ReportInput {
+        cols: &cols,
+        settings: &settings,
+        timings: &timings,
+        grids: &grids,
+        grid_prompts: &grid_rows
+            .iter()
+            .map(|&p| prompts[p].prompt.clone())
+            .collect::<Vec<_>>(),
+    });
+    std::fs::write(out.join("report.md"), report)?;
+    std::fs::write(out.join("table.txt"), &table)?;
+    println!("\nHeld-out GenEval-style accuracy, shapes world (Wilson 95% CI over images)\n");
+    print!("{table}");
+    println!(
+        "\nwall time {:.1} s; report: {}",
+        start.elapsed().as_secs_f64(),
+        out.join("report.md").display()
+    );
+    Ok(())
+}
+
+fn eval_one(
+    a: &Args,
+    gen: &GenSettings,
+    name: &str,
+    model: &ModelArgs,
+    prompts: &[EvalPrompt],
+    out: &Path,
+    timings: &mut Vec<(String, f64)>,
+) -> anyhow::Result<Evaluated> {
+    let t = Instant::now();
+    let m = Model::load(model)?;
+    let kind = &m.backbone.info().kind;
+    if kind != super::eval::SHAPES_KIND {
+        bail!("the demo scores shapes-world images; the base model is a `{kind}` backbone");
+    }
+    let dir = out.join(format!(
+        "eval-{}",
+        name.trim_start_matches('+').to_lowercase()
+    ));
+    let ev = evaluate(
+        &m,
+        prompts,
+        gen,
+        &dir,
+        true,
+        &format!("eval {name}"),
+        a.quiet,
+    )?;
+    let (_, summary) = ev.scored.context("the evaluation was not scored")?;
+    eprintln!(
+        "{name}: overall {:.1}% over {} images ({:.1} s)",
+        100.0 * summary.overall,
+        ev.images,
+        t.elapsed().as_secs_f64()
+    );
+    timings.push((
+        format!("eval {name} ({} images)", ev.images),
+        t.elapsed().as_secs_f64(),
+    ));
+    Ok(Evaluated {
+        name: name.to_string(),
+        dir,
+        summary,
+    })
+}
+
+fn train_args(a: &Args, recipe: &Path, base: &Path, steps: u64, run_dir: &Path) -> TrainArgs {
+    // The training data is tokenized with the base model's own tokenizer.
+    let base = toml_string(&base.to_string_lossy());
+    let mut set = vec![
+        format!("backbone.path={base}"),
+        format!("data.tokenizer={base}"),
+        format!("train.steps={steps}"),
+    ];
+    set.extend(a.set.iter().cloned());
+    TrainArgs {
+        recipe: recipe.to_path_buf(),
+        set,
+        run_dir: Some(run_dir.to_path_buf()),
+        resume: None,
+        allow_recipe_change: false,
+        quiet: a.quiet,
+    }
+}
+
+/// Sampling settings: the command line's, else the SoftREPA recipe's `[sampler]` (the
+/// schedule its author chose for this model).
+fn gen_settings(a: &Args) -> anyhow::Result<GenSettings> {
+    let recipe = softalign_core::recipe::load(&a.softrepa, &[])?;
+    let sampler = recipe.json.get("sampler");
+    let field = |k: &str| sampler.and_then(|s| s.get(k)).cloned();
+    let steps = match a.steps {
+        Some(s) => s,
+        None => field("steps").and_then(|v| v.as_u64()).unwrap_or(20) as usize,
+    };
+    let shift = match a.shift {
+        Some(s) => s,
+        None => field("shift").and_then(|v| v.as_f64()).unwrap_or(1.0),
+    };
+    Ok(GenSettings {
+        n: a.n,
+        seed: a.seed,
+        steps,
+        guidance: a.guidance,
+        shift,
+        batch: a.batch,
+    })
+}
+
+/// Measures the recipe's step time over a few steps and returns the steps that fit `minutes`.
+fn probe_steps(
+    a: &Args,
+    recipe: &Path,
+    base: &Path,
+    dir: &Path,
+    minutes: f64,
+) -> anyhow::Result<u64> {
+    eprintln!("measuring the step time of {}", recipe.display());
+    let s = train_recipe(&train_args(a, recipe, base, PROBE_STEPS, dir))?;
+    let per_step = s.elapsed_s / PROBE_STEPS as f64;
+    Ok(((minutes * 60.0 / per_step.max(1e-6)) as u64).max(1))
+}
+
+/// A TOML string literal, so paths with quotes or backslashes survive `--set`.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Indices of the first `per_tag` prompts of each category.
+fn grid_prompts(prompts: &[EvalPrompt], per_tag: usize) -> Vec<usize> {
+    Tag::ALL
+        .iter()
+        .flat_map(|t| {
+            prompts
+                .iter()
+                .enumerate()
+                .filter(move |(_, p)| p.tag == *t)
+                .map(|(i, _)| i)
+                .take(per_tag)
+        })
+        .collect()
+}
+
+fn read_samples(dir: &Path, prompt: usize, n: usize) -> anyhow::Result<Vec<RgbImage>> {
+    (0..n)
+        .map(|k| {
+            let p = prompt_dir(dir, prompt)
+                .join("samples")
+                .join(format!("{k:04}.png"));
+            Ok(image::open(&p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .to_rgb8())
+        })
+        .collect()
+}
+
+fn settings(
+    a: &Args,
+    gen: &GenSettings,
+    base: &Path,
+    prompts: &[EvalPrompt],
+    train: &[(&str, u64, Option<f64>)],
+) -> Vec<(String, String)> {
+    let mut s = vec![
+        ("base model".into(), base.display().to_string()),
+        (
+            "evaluation prompts".into(),
+            format!(
+                "{} held-out shapes-world prompts (prompt seed {}, at most {} per category)",
+                prompts.len(),
+                a.prompt_set.prompt_seed,
+                a.prompt_set.per_tag
+            ),
+        ),
+        (
+            "sampling".into(),
+            format!(
+                "{} images per prompt, FlowMatch Euler {} steps, shift {}, guidance {}, noise seed {}",
+                gen.n, gen.steps, gen.shift, gen.guidance, gen.seed
+            ),
+        ),
+        (
+            "token use at sampling".into(),
+            "SoftREPA: its tokens in both guidance branches; AGSM: the positive set in both"
+                .into(),
+        ),
+    ];
+    for ((name, steps, loss), recipe) in train.iter().zip([&a.softrepa, &a.agsm]) {
+        s.push((
+            format!("{name} training"),
+            format!(
+                "{} with {steps} steps; last loss {}",
+                recipe.display(),
+                loss.map_or("-".into(), |l| format!("{l:.5}"))
+            ),
+        ));
+    }
+    if !a.set.is_empty() {
+        s.push(("recipe overrides".into(), a.set.join(", ")));
+    }
+    s.push(("machine threads".into(), tch::get_num_threads().to_string()));
+    s
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, without a date library.
+fn utc_timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

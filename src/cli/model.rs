@@ -1,0 +1,151 @@
+//! A model to sample from: a backbone (from a model folder or a recipe's `[backbone]`), an
+//! optional adapter file, and which of its token sets guidance uses. Shared by `sample`, `eval`
+//! and `demo`.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use softalign_core::adapter::{load_adapter, Adapter, TokenSelection};
+use softalign_core::backbone::Backbone;
+use softalign_core::plugin::{BackboneSpec, BuildContext};
+use tch::Device;
+
+use super::build::Built;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// A model folder (diffusers-style). Its type comes from `--backbone`, or else from
+    /// `model_index.json`: a `softalign_backbone` key, or the pipeline class
+    /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3).
+    #[arg(long, conflicts_with = "recipe")]
+    pub model: Option<PathBuf>,
+    /// Or a recipe whose `[backbone]` table names the model.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// The backbone plugin that reads `--model` (e.g. `shapes`).
+    #[arg(long)]
+    pub backbone: Option<String>,
+    /// Soft tokens (an adapter file written by `softalign train`).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The adapter's token set used in both guidance branches (default: `positive` where the
+    /// adapter has one, as AGSM samples, else its first set).
+    #[arg(long)]
+    pub token_set: Option<String>,
+    /// Use the adapter's EMA copy of that set.
+    #[arg(long)]
+    pub ema: bool,
+}
+
+pub struct Model {
+    pub backbone: Box<dyn Backbone>,
+    pub adapters: Vec<Box<dyn Adapter>>,
+    /// The tokens both guidance branches use; `None`: no adapter.
+    pub selection: Option<TokenSelection>,
+}
+
+/// The backbone type of a model folder, from its `model_index.json`.
+pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
+    let index = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{}: cannot tell the model type without model_index.json; pass --backbone",
+            dir.display()
+        )
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+    if let Some(kind) = json.get("softalign_backbone").and_then(|v| v.as_str()) {
+        return Ok(kind.to_string());
+    }
+    match json.get("_class_name").and_then(|v| v.as_str()) {
+        Some(c) if c.starts_with("StableDiffusion3") => Ok("sd3".into()),
+        Some("SoftalignShapesPipeline") => Ok("shapes".into()),
+        Some(c) => bail!(
+            "{}: pipeline class `{c}` has no known backbone; pass --backbone",
+            index.display()
+        ),
+        None => bail!("{}: no `_class_name`; pass --backbone", index.display()),
+    }
+}
+
+/// Builds a backbone spec `{type, path}` for a model folder; plugins that read folders take a
+/// `path` field.
+fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> {
+    let json = serde_json::json!({ "type": kind, "path": dir });
+    serde_json::from_value(json)
+        .with_context(|| format!("backbone `{kind}` cannot be built from a folder path"))
+}
+
+impl Model {
+    pub fn load(a: &ModelArgs) -> anyhow::Result<Model> {
+        let backbone = match (&a.model, &a.recipe) {
+            (Some(dir), None) => {
+                let kind = match &a.backbone {
+                    Some(k) => k.clone(),
+                    None => detect_backbone(dir)?,
+                };
+                let ctx = BuildContext {
+                    device: Device::cuda_if_available(),
+                    recipe_dir: PathBuf::from("."),
+                    dtype_override: None,
+                };
+                folder_spec(&kind, dir)?
+                    .build(&ctx)
+                    .with_context(|| format!("loading the model {}", dir.display()))?
+            }
+            (None, Some(recipe)) => Built::new(recipe, &[], None, false)?.backbone,
+            _ => bail!("give a model: --model DIR or --recipe FILE"),
+        };
+        let mut adapters = Vec::new();
+        let mut selection = None;
+        if let Some(path) = &a.adapter {
+            let ad = load_adapter(path, backbone.info(), backbone.device())
+                .with_context(|| format!("loading the adapter {}", path.display()))?;
+            let sets = ad.token_sets();
+            let set = match &a.token_set {
+                Some(s) if sets.contains(s) => s.clone(),
+                Some(s) => bail!(
+                    "{}: no token set `{s}` (it has: {})",
+                    path.display(),
+                    sets.join(", ")
+                ),
+                None if sets.iter().any(|s| s == "positive") => "positive".into(),
+                None => sets
+                    .first()
+                    .cloned()
+                    .with_context(|| format!("{}: the adapter has no token set", path.display()))?,
+            };
+            if a.ema && !ad.has_ema() {
+                bail!(
+                    "{}: --ema given but the adapter keeps no EMA copy",
+                    path.display()
+                );
+            }
+            selection = Some(TokenSelection {
+                set: Some(set),
+                ema: a.ema,
+            });
+            adapters.push(ad);
+        } else if a.token_set.is_some() || a.ema {
+            bail!("--token-set and --ema need an --adapter");
+        }
+        Ok(Model {
+            backbone,
+            adapters,
+            selection,
+        })
+    }
+
+    /// What the model is, for logs and reports.
+    pub fn describe(&self) -> String {
+        let kind = &self.backbone.info().kind;
+        match &self.selection {
+            None => format!("{kind} (no adapter)"),
+            Some(s) => format!(
+                "{kind} + tokens `{}`{}",
+                s.set.as_deref().unwrap_or("-"),
+                if s.ema { " (EMA)" } else { "" }
+            ),
+        }
+    }
+}
