@@ -230,10 +230,7 @@ fn every_caption_and_prompt_fits_the_text_positions() {
         assert_eq!(eos, t.split_whitespace().count() + 1, "{t:?}");
         longest = longest.max(eos + 1);
     }
-    assert!(
-        longest <= 24 && longest >= 10,
-        "longest prompt {longest} ids"
-    );
+    assert!((10..=24).contains(&longest), "longest prompt {longest} ids");
 }
 
 #[test]
