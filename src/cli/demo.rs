@@ -33,8 +33,9 @@ pub struct Args {
     /// The AGSM recipe.
     #[arg(long, default_value = "recipes/shapes/agsm.toml")]
     pub agsm: PathBuf,
-    /// Optimizer steps per recipe.
-    #[arg(long, default_value_t = 150)]
+    /// Optimizer steps per recipe. The default keeps the whole demo near 10 minutes on a
+    /// 2-core CPU (the recipes' own 150 steps would take about that long per recipe there).
+    #[arg(long, default_value_t = 60)]
     pub train_steps: u64,
     /// Instead of --train-steps: train each recipe for about this long (its step time is
     /// measured on a few steps first).
