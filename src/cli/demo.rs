@@ -33,8 +33,9 @@ pub struct Args {
     /// The AGSM recipe.
     #[arg(long, default_value = "recipes/shapes/agsm.toml")]
     pub agsm: PathBuf,
-    /// Optimizer steps per recipe.
-    #[arg(long, default_value_t = 150)]
+    /// Optimizer steps per recipe. The default keeps the whole demo near 10 minutes on a
+    /// 2-core CPU (the recipes' own 150 steps would take about that long per recipe there).
+    #[arg(long, default_value_t = 60)]
     pub train_steps: u64,
     /// Instead of --train-steps: train each recipe for about this long (its step time is
     /// measured on a few steps first).
@@ -45,8 +46,9 @@ pub struct Args {
     pub set: Vec<String>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
-    /// Images per evaluation prompt.
-    #[arg(long, default_value_t = 2)]
+    /// Images per evaluation prompt (1 keeps the demo within 10 minutes on a shared 2-core
+    /// CPU; 2 took 12 minutes there).
+    #[arg(long, default_value_t = 1)]
     pub n: usize,
     /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
     #[arg(long)]
