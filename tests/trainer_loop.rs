@@ -15,6 +15,14 @@ use softalign_core::Result;
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
+/// torch's generator is global to the process and the trainer reseeds it every micro-step, so
+/// two trainings in parallel test threads would interleave their draws: tests here take turns.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const SEED: u64 = 1234;
 const ENV_RUN_DIR: &str = "SOFTALIGN_TRAINER_TEST_RUN_DIR";
 const ENV_BLOCK_AT: &str = "SOFTALIGN_TRAINER_TEST_BLOCK_AT";
@@ -210,6 +218,7 @@ fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 #[ignore = "child process of resume_after_sigkill_is_bit_identical"]
 fn child_interrupted_run() {
+    let _serial = serial();
     let dir = PathBuf::from(std::env::var(ENV_RUN_DIR).expect("run dir in the environment"));
     let block: u64 = std::env::var(ENV_BLOCK_AT).unwrap().parse().unwrap();
     let mut task = ToyTask::new();
@@ -220,6 +229,7 @@ fn child_interrupted_run() {
 
 #[test]
 fn resume_after_sigkill_is_bit_identical() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
     let resumed = tmp.path().join("resumed");
@@ -337,6 +347,7 @@ fn resume_after_sigkill_is_bit_identical() {
 
 #[test]
 fn resume_refuses_another_seed_and_names_the_folder() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(3);
     cfg.checkpoint = CheckpointConfig { every: 1, keep: 1 };
@@ -368,6 +379,7 @@ fn resume_refuses_another_seed_and_names_the_folder() {
 
 #[test]
 fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(6);
     cfg.max_bad_steps = 3;
@@ -424,6 +436,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
 
 #[test]
 fn metrics_jsonl_holds_every_term_at_the_logging_interval() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(5);
     cfg.log_every = 2;
@@ -464,6 +477,7 @@ fn metrics_jsonl_holds_every_term_at_the_logging_interval() {
 
 #[test]
 fn param_group_globs_must_match_something() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(2);
     cfg.param_groups[0].params = "tiem*".into();
@@ -510,6 +524,7 @@ impl TrainTask for FullTask {
 
 #[test]
 fn full_parameter_mode_trains_the_backbone_weights() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     seed_everything(SEED);
     let mut vs = VarStore::new(Device::Cpu);
