@@ -13,30 +13,15 @@ use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-struct Fixtures {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    manifest: serde_json::Value,
-}
+use common::Fixtures;
 
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = common::python_fixture("clip_fixtures.py");
-        let manifest = common::read_json(dir.path(), "manifest.json");
-        Fixtures {
-            root: dir.path().to_path_buf(),
-            _dir: dir,
-            manifest,
-        }
-    })
+    F.get_or_init(|| Fixtures::new("clip_fixtures.py"))
 }
 
 fn io(case: &str) -> BTreeMap<String, Tensor> {
-    MappedSafetensors::open(fixtures().root.join(case).join("io.safetensors"))
-        .expect("io file")
-        .all()
-        .expect("io tensors")
+    fixtures().io(case)
 }
 
 fn max_err(a: &Tensor, b: &Tensor) -> f64 {

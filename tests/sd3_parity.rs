@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use softalign_backbones::schedulers::flow_match_euler::schedule;
@@ -21,30 +20,15 @@ use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-struct Fixtures {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    manifest: serde_json::Value,
-}
+use common::Fixtures;
 
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = common::python_fixture("sd3_fixtures.py");
-        let manifest = common::read_json(dir.path(), "manifest.json");
-        Fixtures {
-            root: dir.path().to_path_buf(),
-            _dir: dir,
-            manifest,
-        }
-    })
+    F.get_or_init(|| Fixtures::new("sd3_fixtures.py"))
 }
 
 fn io(case: &str) -> BTreeMap<String, Tensor> {
-    MappedSafetensors::open(fixtures().root.join(case).join("io.safetensors"))
-        .expect("io file")
-        .all()
-        .expect("io tensors")
+    fixtures().io(case)
 }
 
 fn load(case: &str) -> Box<dyn Backbone> {

@@ -37,3 +37,31 @@ pub fn read_json(dir: &Path, name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// A reference script's output folder: a `manifest.json` and one `<case>/io.safetensors` per case.
+pub struct Fixtures {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub manifest: serde_json::Value,
+}
+
+impl Fixtures {
+    pub fn new(script: &str) -> Self {
+        let dir = python_fixture(script);
+        let manifest = read_json(dir.path(), "manifest.json");
+        Self {
+            root: dir.path().to_path_buf(),
+            _dir: dir,
+            manifest,
+        }
+    }
+
+    pub fn io(&self, case: &str) -> std::collections::BTreeMap<String, tch::Tensor> {
+        softalign_core::tensors::MappedSafetensors::open(
+            self.root.join(case).join("io.safetensors"),
+        )
+        .expect("io file")
+        .all()
+        .expect("io tensors")
+    }
+}
