@@ -94,3 +94,92 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
     assert!(moved("text_encoder."), "the text tower did not train");
     assert!(moved("transformer."), "the MMDiT did not train");
 }
+
+/// Raw images + captions from an `image_manifest` (PNG files, one of them corrupt) go through
+/// the backbone's own encoders (`encode_images`, `encode_prompts`) inside training.
+#[test]
+fn soft_tokens_train_on_an_image_manifest_and_skip_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut lines = Vec::new();
+    for (i, ex) in softalign_worlds::shapes::train_split(6, 0)
+        .iter()
+        .enumerate()
+    {
+        let name = format!("{i}.png");
+        ex.image.save(data.join(&name)).unwrap();
+        let captions = serde_json::to_string(&ex.captions).unwrap();
+        lines.push(format!(r#"{{"image": "{name}", "captions": {captions}}}"#));
+    }
+    std::fs::write(data.join("broken.png"), b"\x89PNG truncated").unwrap();
+    lines.push(r#"{"image": "broken.png", "caption": "a red circle"}"#.into());
+    std::fs::write(data.join("train.jsonl"), lines.join("\n")).unwrap();
+    let recipe = dir.path().join("manifest.toml");
+    std::fs::write(
+        &recipe,
+        r#"
+name = "manifest-smoke"
+seed = 1
+
+[backbone]
+type = "shapes"
+preset = "tiny"
+
+[[adapter]]
+type = "soft_tokens"
+tokens = 2
+sites = "joint_blocks[0..2]"
+token_space = "joint"
+
+[[objective]]
+type = "softrepa_contrastive"
+weight = 1.0
+
+[data]
+type = "image_manifest"
+path = "data/train.jsonl"
+resolution = 32
+
+[train]
+steps = 4
+images_per_step = 7
+lr = 1e-2
+"#,
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["train", "--quiet", "--recipe"])
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Seven distinct images are asked for and only six read: the batch cannot be filled, and
+    // the run says so, naming the broken file, instead of repeating an image.
+    assert!(!out.status.success());
+    assert!(stderr.contains("broken.png"), "{stderr}");
+    assert!(stderr.contains("no readable image left"), "{stderr}");
+
+    let recipe_text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(
+        &recipe,
+        recipe_text.replace("images_per_step = 7", "images_per_step = 4"),
+    )
+    .unwrap();
+    let run = dir.path().join("run2");
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["train", "--quiet", "--recipe"])
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 4, "{metrics}");
+    assert!(metrics.contains("softrepa_contrastive"), "{metrics}");
+}

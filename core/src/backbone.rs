@@ -139,6 +139,15 @@ pub trait Backbone: Send {
             self.info().kind
         )))
     }
+    /// RGB images (B, 3, H, W) in [-1, 1] to the clean samples the network denoises (a VAE
+    /// encode, posterior sample, scaled and shifted by the folder's constants; the identity for
+    /// pixel-space models). Draws from torch's global generator.
+    fn encode_images(&self, _images: &Tensor) -> Result<Tensor> {
+        Err(Error::invalid(format!(
+            "backbone `{}` has no image encoder: give it pre-encoded latents",
+            self.info().kind
+        )))
+    }
     /// (C, H, W) of the sample the network denoises at its native resolution, where known.
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None

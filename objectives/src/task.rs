@@ -111,7 +111,12 @@ impl ObjectiveTask {
         let perm = Tensor::randperm(self.dataset.len() as i64, (Kind::Int64, tch::Device::Cpu));
         let idx: Vec<i64> = perm.narrow(0, 0, b).try_into()?;
         let idx: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
-        let batch = self.dataset.batch(&idx, dev)?;
+        let mut batch = self.dataset.batch(&idx, dev)?;
+        if let Some(captions) = batch.captions.take() {
+            let _guard = tch::no_grad_guard();
+            batch.x0 = self.backbone.encode_images(&batch.x0)?;
+            batch.cond = self.backbone.encode_prompts(&captions)?;
+        }
         let n_t = if self.config.per_image_timesteps {
             b
         } else {

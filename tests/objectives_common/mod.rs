@@ -212,11 +212,11 @@ impl Dataset for MemDataset {
     }
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch> {
         let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        Ok(Batch {
-            x0: self.x0.index_select(0, &idx).to_device(device),
-            cond: Conditioning::new()
+        Ok(Batch::encoded(
+            self.x0.index_select(0, &idx).to_device(device),
+            Conditioning::new()
                 .with("encoder_hidden_states", self.ehs.index_select(0, &idx))
                 .with("pooled_projections", self.pooled.index_select(0, &idx)),
-        })
+        ))
     }
 }

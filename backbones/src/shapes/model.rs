@@ -307,6 +307,23 @@ impl Backbone for ShapesBackbone {
         Ok(samples.to_kind(Kind::Float).clamp(-1.0, 1.0))
     }
 
+    /// Pixel space: images are the samples; only their size is checked.
+    fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
+        let want = self.config.sample_shape();
+        let s = images.size();
+        if s.len() != 4 || s[1..] != want {
+            return Err(Error::tensor(
+                "images",
+                format!(
+                    "shape {s:?}, this model draws (B, {}, {}, {}) pixels: set the dataset's \
+                     `resolution` to {}",
+                    want[0], want[1], want[2], want[1]
+                ),
+            ));
+        }
+        Ok(images.to_kind(Kind::Float))
+    }
+
     /// A diffusers-style pipeline folder: model_index.json, text_encoder/ (transformers
     /// CLIPTextModelWithProjection), transformer/ (diffusers SD3Transformer2DModel),
     /// tokenizer/tokenizer.json and scheduler/scheduler_config.json.

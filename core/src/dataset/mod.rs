@@ -4,11 +4,26 @@ use tch::Device;
 use crate::backbone::Conditioning;
 use crate::Result;
 
+#[derive(Debug)]
 pub struct Batch {
-    /// Clean latents (B, C, H, W).
+    /// Clean latents (B, C, H, W), or RGB images in [-1, 1] when `captions` is set.
     pub x0: tch::Tensor,
-    /// Caption conditioning, caption i belonging to image i.
+    /// Caption conditioning, caption i belonging to image i (empty when `captions` is set).
     pub cond: Conditioning,
+    /// Raw data: the captions as text, for the backbone to encode together with the images
+    /// (`Backbone::encode_images`, `Backbone::encode_prompts`).
+    pub captions: Option<Vec<String>>,
+}
+
+impl Batch {
+    /// Pre-encoded latents and conditioning.
+    pub fn encoded(x0: tch::Tensor, cond: Conditioning) -> Self {
+        Self {
+            x0,
+            cond,
+            captions: None,
+        }
+    }
 }
 
 pub trait Dataset: Send {
@@ -18,6 +33,11 @@ pub trait Dataset: Send {
     }
     /// The samples at `indices` (drawn by the trainer from the run's seed).
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch>;
+    /// Samples that could not be read and were replaced so far (corrupt or missing files).
+    fn skipped(&self) -> usize {
+        0
+    }
 }
 
+pub mod captioned;
 pub mod tensor_file;

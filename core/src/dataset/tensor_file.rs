@@ -117,9 +117,9 @@ impl Dataset for TensorFile {
                 .map(|(k, v)| (k.clone(), v.index_select(0, &idx).to_device(device)))
                 .collect(),
         );
-        Ok(Batch {
-            x0: self.x0.index_select(0, &idx).to_device(device),
+        Ok(Batch::encoded(
+            self.x0.index_select(0, &idx).to_device(device),
             cond,
-        })
+        ))
     }
 }
