@@ -148,6 +148,21 @@ pub trait Backbone: Send {
             self.info().kind
         )))
     }
+    /// The image posterior as the encoding cache stores it: the scaled latent mean and, for a
+    /// VAE, the scaled standard deviation (a training sample is mean + std * noise). Pixel-space
+    /// models return the images and no deviation.
+    fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.encode_images(images)?, None))
+    }
+    /// What decides the output of `encode_images` / `encode_prompts` (encoder configs, weight
+    /// digests, tokenizer, lengths): an encoding cache made with one fingerprint is refused by
+    /// a backbone with another.
+    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
+        Err(Error::invalid(format!(
+            "backbone `{}` has no encoders to cache",
+            self.info().kind
+        )))
+    }
     /// (C, H, W) of the sample the network denoises at its native resolution, where known.
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None

@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod backbone;
 pub mod catalogue;
+pub mod cache;
 pub mod dataset;
 pub mod dtype;
 pub mod error;

@@ -80,4 +80,8 @@ pub trait SamplerSpec: Debug + Send + Sync {
 pub trait DatasetSpec: Debug + Send + Sync {
     fn validate(&self, ctx: &BuildContext) -> Result<()>;
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Dataset>>;
+    /// The `encoded_cache` spec, which `softalign cache` fills.
+    fn encoding_cache(&self) -> Option<&crate::cache::EncodedCacheSpec> {
+        None
+    }
 }

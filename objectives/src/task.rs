@@ -61,6 +61,15 @@ impl ObjectiveTask {
         if objectives.is_empty() {
             return Err(Error::Recipe("the recipe names no [[objective]]".into()));
         }
+        if let Some(cached) = dataset.encoder_fingerprint() {
+            let now = backbone.encoder_fingerprint()?;
+            if cached != now {
+                return Err(Error::Recipe(format!(
+                    "the encoding cache was made by other encoders than this backbone's \
+                     (cache: {cached}, backbone: {now}); re-run `softalign cache`"
+                )));
+            }
+        }
         let names: Vec<String> = adapters.iter().flat_map(|a| a.token_sets()).collect();
         for o in &objectives {
             for r in o.requests() {

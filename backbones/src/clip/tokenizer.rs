@@ -203,6 +203,13 @@ impl ClipTokenizer {
         softalign_core::tensors::write_atomic(path, text.as_bytes())
     }
 
+    /// tokenizer.json's text: what decides the ids (encoding caches fingerprint it).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::invalid(format!("serialising the tokenizer: {e}")))
+    }
+
     /// One prompt as exactly `max_length` ids.
     pub fn encode_ids(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self

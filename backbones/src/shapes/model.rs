@@ -324,6 +324,19 @@ impl Backbone for ShapesBackbone {
         Ok(images.to_kind(Kind::Float))
     }
 
+    /// Captions become ids and images stay pixels: the tokenizer and the sample shape decide
+    /// an encoding (the text tower runs inside `forward`, so its weights do not).
+    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
+        use sha2::{Digest, Sha256};
+        let tok = self.tokenizer.to_json()?;
+        Ok(serde_json::json!({
+            "kind": KIND,
+            "tokenizer_sha256": format!("{:x}", Sha256::digest(tok.as_bytes())),
+            "max_length": self.tokenizer.max_length(),
+            "sample_shape": self.config.sample_shape(),
+        }))
+    }
+
     /// A diffusers-style pipeline folder: model_index.json, text_encoder/ (transformers
     /// CLIPTextModelWithProjection), transformer/ (diffusers SD3Transformer2DModel),
     /// tokenizer/tokenizer.json and scheduler/scheduler_config.json.

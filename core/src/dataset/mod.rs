@@ -33,6 +33,15 @@ pub trait Dataset: Send {
     }
     /// The samples at `indices` (drawn by the trainer from the run's seed).
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch>;
+    /// For an encoding cache: the fingerprint of the encoders that made it, which the
+    /// backbone must match.
+    fn encoder_fingerprint(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Raw captioned images (what an encoding cache is made from).
+    fn as_captioned(&self) -> Option<&captioned::CaptionedImages> {
+        None
+    }
     /// Samples that could not be read and were replaced so far (corrupt or missing files).
     fn skipped(&self) -> usize {
         0

@@ -39,6 +39,12 @@ impl Progress {
         self.bar.set_message(format!("loss {loss} lr {lr:.3e}"));
     }
 
+    /// Moves to `pos` with a free-form message (non-training bars: caching, sampling).
+    pub fn advance(&self, pos: u64, msg: &str) {
+        self.bar.set_position(pos);
+        self.bar.set_message(msg.to_string());
+    }
+
     /// Prints a line above the bar (or to stderr when hidden).
     pub fn println(&self, msg: &str) {
         if self.bar.is_hidden() {

@@ -86,6 +86,32 @@ impl CaptionedImages {
         preprocess::load_square(&e.image, self.resolution).map(|img| preprocess::to_tensor(&img))
     }
 
+    /// The images at `indices`, decoded on all cores; each slot its own result.
+    pub fn images_at(&self, indices: &[usize]) -> Result<Vec<Result<Tensor>>> {
+        let threads = std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+            .min(indices.len().max(1));
+        let per = indices.len().div_ceil(threads).max(1);
+        let out: Vec<Result<Tensor>> = std::thread::scope(|s| {
+            let handles: Vec<_> = indices
+                .chunks(per)
+                .map(|chunk| s.spawn(move || chunk.iter().map(|&i| self.image(i)).collect()))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|_| vec![]))
+                .collect()
+        });
+        if out.len() != indices.len() {
+            return Err(Error::invalid(format!(
+                "data {}: an image decoder thread panicked",
+                self.origin
+            )));
+        }
+        Ok(out)
+    }
+
     /// Notes a failure once per image, on stderr, with the running count.
     fn report(&self, i: usize, err: &Error) {
         let n = self.skipped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -113,27 +139,7 @@ impl CaptionedImages {
                 self.origin
             )));
         }
-        let threads = std::thread::available_parallelism()
-            .map(|p| p.get())
-            .unwrap_or(1)
-            .min(indices.len().max(1));
-        let per = indices.len().div_ceil(threads).max(1);
-        let first: Vec<Result<Tensor>> = std::thread::scope(|s| {
-            let handles: Vec<_> = indices
-                .chunks(per)
-                .map(|chunk| s.spawn(move || chunk.iter().map(|&i| self.image(i)).collect()))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|_| vec![]))
-                .collect()
-        });
-        if first.len() != indices.len() {
-            return Err(Error::invalid(format!(
-                "data {}: an image decoder thread panicked",
-                self.origin
-            )));
-        }
+        let first = self.images_at(indices)?;
         let mut used: HashSet<usize> = indices.iter().copied().collect();
         let mut out = Vec::with_capacity(indices.len());
         for (&i, r) in indices.iter().zip(first) {
@@ -209,6 +215,10 @@ impl CaptionedImages {
 impl Dataset for CaptionedImages {
     fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    fn as_captioned(&self) -> Option<&CaptionedImages> {
+        Some(self)
     }
 
     fn skipped(&self) -> usize {
