@@ -4,6 +4,7 @@ pub mod build;
 pub mod demo;
 pub mod eval;
 pub mod forward;
+pub mod forward_unet;
 pub mod generate;
 pub mod grid;
 pub mod list;

@@ -147,7 +147,8 @@ def main(out):
         randomise(model, gen)
         model.save_pretrained(os.path.join(out, folder), safe_serialization=True)
         models[name] = model
-        manifest["cases"][name] = dict(folder=folder)
+        # The v-prediction case is loaded as a pipeline folder (unet/ + scheduler/).
+        manifest["cases"][name] = dict(folder=folder.removesuffix("/unet") if name == "sd2_vpred" else folder)
 
     # v-prediction pipeline: its scheduler config carries the prediction type.
     sched = DDIMScheduler(

@@ -126,9 +126,7 @@ pub fn timesteps(
 ) -> Result<Vec<i64>> {
     let bad = |m: String| Err(Error::Recipe(format!("sampler ddim: {m}")));
     if steps == 0 || steps as i64 > num_train {
-        return bad(format!(
-            "`steps` must be in 1..={num_train} (got {steps})"
-        ));
+        return bad(format!("`steps` must be in 1..={num_train} (got {steps})"));
     }
     let n = steps as i64;
     let ts: Vec<i64> = match spacing {
@@ -139,7 +137,11 @@ pub fn timesteps(
             (0..n)
                 .rev()
                 .map(|i| {
-                    let v = if i == n - 1 && n > 1 { stop } else { i as f64 * step };
+                    let v = if i == n - 1 && n > 1 {
+                        stop
+                    } else {
+                        i as f64 * step
+                    };
                     v.round_ties_even() as i64
                 })
                 .collect()
@@ -234,7 +236,9 @@ impl Ddim {
         noise: Option<&Tensor>,
     ) -> Result<StepOutput> {
         if t < 0 || t as usize >= self.alphas_cumprod.len() {
-            return Err(Error::invalid(format!("ddim step: timestep {t} out of range")));
+            return Err(Error::invalid(format!(
+                "ddim step: timestep {t} out of range"
+            )));
         }
         // diffusers steps back by N // steps whatever the spacing.
         let prev_t = t - self.spec.num_train_timesteps / self.spec.steps as i64;
@@ -243,7 +247,10 @@ impl Ddim {
         let b_t = 1.0f32 - a_t;
         let (sa, sb) = (a_t.sqrt() as f64, b_t.sqrt() as f64);
         let (x0, eps) = match prediction {
-            Prediction::Epsilon => ((sample - model_output * sb) / sa, model_output.shallow_clone()),
+            Prediction::Epsilon => (
+                (sample - model_output * sb) / sa,
+                model_output.shallow_clone(),
+            ),
             Prediction::VPrediction => (
                 sample * sa - model_output * sb,
                 model_output * sa + sample * sb,
@@ -346,7 +353,9 @@ impl Sampler for Ddim {
                     &c[0] + (&c[1] - &c[0]) * req.guidance.scale
                 }
                 (Some(u), None) => {
-                    let vu = bb.forward(&x, &full(b), u, uncond_hook)?.to_kind(Kind::Float);
+                    let vu = bb
+                        .forward(&x, &full(b), u, uncond_hook)?
+                        .to_kind(Kind::Float);
                     let vc = bb
                         .forward(&x, &full(b), req.cond, cond_hook)?
                         .to_kind(Kind::Float);

@@ -321,7 +321,10 @@ impl UNetConfig {
         if self.up_block_types.len() != n {
             return bad(
                 "up_block_types",
-                format!("has {} entries for {n} down blocks", self.up_block_types.len()),
+                format!(
+                    "has {} entries for {n} down blocks",
+                    self.up_block_types.len()
+                ),
             );
         }
         for t in &self.down_block_types {
@@ -356,7 +359,11 @@ impl UNetConfig {
                 return bad(f, format!("must be odd (got {v})"));
             }
         }
-        if self.only_cross_attention.expand(n, "only_cross_attention")?.contains(&true) {
+        if self
+            .only_cross_attention
+            .expand(n, "only_cross_attention")?
+            .contains(&true)
+        {
             return unsupported("only_cross_attention", &self.only_cross_attention);
         }
         if self.mid_block_only_cross_attention == Some(true) {
@@ -368,7 +375,11 @@ impl UNetConfig {
         if self.norm_num_groups.is_none() {
             return unsupported("norm_num_groups", &"null");
         }
-        if self.reverse_transformer_layers_per_block.as_ref().is_some_and(|v| !v.is_null()) {
+        if self
+            .reverse_transformer_layers_per_block
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
             return unsupported(
                 "reverse_transformer_layers_per_block",
                 &self.reverse_transformer_layers_per_block,
@@ -457,7 +468,9 @@ impl UNetConfig {
             if c <= 0 || c % groups != 0 {
                 return bad(
                     "block_out_channels",
-                    format!("[{i}] = {c} must be a positive multiple of norm_num_groups ({groups})"),
+                    format!(
+                        "[{i}] = {c} must be a positive multiple of norm_num_groups ({groups})"
+                    ),
                 );
             }
             if r.heads[i] <= 0 || c % r.heads[i] != 0 {
@@ -518,11 +531,19 @@ mod tests {
             class_embed_type: Some("timestep".into()),
             ..UNetConfig::sd15()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("class_embed_type"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("class_embed_type"));
         let c = UNetConfig {
             attention_head_dim: PerBlock::Each(vec![8, 8]),
             ..UNetConfig::sd15()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("attention_head_dim"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("attention_head_dim"));
     }
 }

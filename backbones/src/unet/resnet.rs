@@ -58,7 +58,11 @@ impl ResnetBlock2D {
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Tensor {
         let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let t = self.time_emb_proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu())
+            .unsqueeze(-1)
+            .unsqueeze(-1);
         let h = self.norm2.forward(&(h + t)).silu();
         // Dropout is the identity: the backbone is always run in eval mode.
         let h = self.conv2.forward(&h);

@@ -147,10 +147,7 @@ impl UNetSpec {
                 ))
             }
         };
-        let prediction = self
-            .prediction_type
-            .or(pred)
-            .unwrap_or(Prediction::Epsilon);
+        let prediction = self.prediction_type.or(pred).unwrap_or(Prediction::Epsilon);
         if prediction == Prediction::Velocity {
             return Err(Error::Recipe(
                 "backbone unet: `prediction_type` must be \"epsilon\" or \"v_prediction\"".into(),
@@ -258,7 +255,12 @@ pub struct UNetBackbone {
 
 impl UNetBackbone {
     /// Builds the modules (random init) in `dtype` on `device`, frozen.
-    pub fn random(cfg: &UNetConfig, device: Device, dtype: DType, noise: DdpmNoise) -> Result<Self> {
+    pub fn random(
+        cfg: &UNetConfig,
+        device: Device,
+        dtype: DType,
+        noise: DdpmNoise,
+    ) -> Result<Self> {
         let mut vs = VarStore::new(device);
         let model = UNet2DConditionModel::new(vs.root(), cfg)?;
         vs.set_kind(dtype.kind());

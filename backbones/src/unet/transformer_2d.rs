@@ -48,7 +48,12 @@ impl Transformer2DModel {
         let blocks = &p / "transformer_blocks";
         Self {
             norm: group_norm(&p / "norm", c.norm_num_groups, c.in_channels, 1e-6),
-            proj_in: Proj::new(&p / "proj_in", c.in_channels, inner, c.use_linear_projection),
+            proj_in: Proj::new(
+                &p / "proj_in",
+                c.in_channels,
+                inner,
+                c.use_linear_projection,
+            ),
             transformer_blocks: (0..c.num_layers)
                 .map(|k| {
                     BasicTransformerBlock::new(
@@ -60,7 +65,12 @@ impl Transformer2DModel {
                     )
                 })
                 .collect(),
-            proj_out: Proj::new(&p / "proj_out", inner, c.in_channels, c.use_linear_projection),
+            proj_out: Proj::new(
+                &p / "proj_out",
+                inner,
+                c.in_channels,
+                c.use_linear_projection,
+            ),
         }
     }
 

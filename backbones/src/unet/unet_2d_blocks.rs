@@ -188,7 +188,8 @@ impl UpBlock {
         Self {
             resnets,
             attentions,
-            upsampler: add_upsample.then(|| Upsample2D::new(&p / "upsamplers" / 0, ch.out_channels)),
+            upsampler: add_upsample
+                .then(|| Upsample2D::new(&p / "upsamplers" / 0, ch.out_channels)),
         }
     }
 

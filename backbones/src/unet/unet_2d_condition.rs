@@ -167,7 +167,8 @@ impl UNet2DConditionModel {
             },
             add_embedding: TimestepEmbedding::new(
                 &p / "add_embedding",
-                cfg.projection_class_embeddings_input_dim.expect("validated"),
+                cfg.projection_class_embeddings_input_dim
+                    .expect("validated"),
                 r.time_embed_dim,
             ),
         });
@@ -210,7 +211,11 @@ impl UNet2DConditionModel {
             let s = ehs.size();
             (s[0], s[1], s[2])
         };
-        let mut out = [ehs.shallow_clone(), ehs.shallow_clone(), ehs.shallow_clone()];
+        let mut out = [
+            ehs.shallow_clone(),
+            ehs.shallow_clone(),
+            ehs.shallow_clone(),
+        ];
         let Some((hook, sites)) = hook else {
             return Ok(out);
         };
