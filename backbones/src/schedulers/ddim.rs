@@ -277,7 +277,7 @@ impl Ddim {
                 Some(n) => n.shallow_clone(),
                 None => Tensor::randn_like(model_output),
             };
-            prev = prev + n * std as f64;
+            prev = &prev + n * std as f64;
         }
         Ok(StepOutput {
             prev_sample: prev,

@@ -283,7 +283,8 @@ impl UNet2DConditionModel {
                     .forward(&tt.time_ids.flatten(0, -1))
                     .reshape([b, -1]);
                 let add = Tensor::cat(&[tt.text_embeds.to_kind(Kind::Float), time], -1);
-                emb = emb + a.add_embedding.forward(&add.to_kind(kind));
+                // Out of place: `emb` may be part of an autograd graph.
+                emb = &emb + a.add_embedding.forward(&add.to_kind(kind));
             }
             (Some(_), None) => {
                 return Err(Error::tensor(
