@@ -99,6 +99,10 @@ fn sd3_medium_config_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let cfg = softalign_backbones::sd3::config::Sd3Config::sd3_medium().to_json();
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    // The UNet recipes read `<path>/unet/config.json`; one folder serves both kinds.
+    std::fs::create_dir_all(dir.path().join("unet")).unwrap();
+    let unet = softalign_backbones::unet::UNetConfig::sd15().to_json();
+    std::fs::write(dir.path().join("unet/config.json"), unet.to_string()).unwrap();
     dir
 }
 

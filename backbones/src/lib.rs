@@ -3,4 +3,5 @@ pub mod clip;
 pub mod schedulers;
 pub mod sd3;
 pub mod shapes;
+pub mod unet;
 pub mod weights;

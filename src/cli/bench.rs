@@ -1,4 +1,5 @@
-//! `softalign bench`: MMDiT forward and forward+backward timings, with and without soft tokens.
+//! `softalign bench`: MMDiT (or, with `--backbone unet`, UNet) forward and forward+backward
+//! timings, with and without soft tokens.
 use anyhow::Context;
 use softalign_backbones::sd3::bench::{run as run_bench, BenchConfig};
 use softalign_backbones::sd3::Sd3Config;
@@ -6,10 +7,17 @@ use softalign_core::dtype::{DType, DeviceSpec};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A full-size config with random weights (sd3-medium, sd3.5-medium, sd3.5-large);
-    /// default: a small MMDiT (8 blocks, width 128) sized for a 2-core CPU.
+    /// `sd3` (MMDiT) or `unet` (SD1.5/SDXL UNet2DConditionModel).
+    #[arg(long, default_value = "sd3")]
+    pub backbone: String,
+    /// A full-size config with random weights (sd3: sd3-medium, sd3.5-medium, sd3.5-large;
+    /// unet: sd15, sdxl); default: a small model sized for a 2-core CPU (MMDiT 8 blocks of
+    /// width 128; UNet with SD1.5's layout at widths 32..128).
     #[arg(long)]
     pub preset: Option<String>,
+    /// UNet only: block groups that get the soft tokens.
+    #[arg(long, value_delimiter = ',', default_value = "down")]
+    pub unet_sites: Vec<String>,
     /// Images per step (each is one (image, caption) pair).
     #[arg(long, default_value_t = 4)]
     pub batch: i64,
@@ -41,6 +49,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.backbone.as_str() {
+        "sd3" => {}
+        "unet" => return super::bench_unet::run(a),
+        other => anyhow::bail!("--backbone: unknown `{other}` (sd3, unet)"),
+    }
     let mut cfg = BenchConfig::small_cpu();
     if let Some(p) = &a.preset {
         cfg.model = Sd3Config::preset(p).context("--preset")?;

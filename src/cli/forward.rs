@@ -16,12 +16,16 @@ use tch::Kind;
 #[derive(clap::Args)]
 pub struct Args {
     /// An SD3 transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
-    /// pipeline folder holding `transformer/`.
+    /// pipeline folder holding `transformer/`; or a UNet folder / SD1.x-SDXL pipeline folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// Safetensors file with the forward's arguments, named as in diffusers:
+    /// A UNet folder that replaces the model's UNet (a Diffusion-DPO release); UNet models only.
+    #[arg(long)]
+    pub unet: Option<PathBuf>,
+    /// Safetensors file with the forward's arguments, named as in diffusers: SD3
     /// `hidden_states` (B, C, H, W), `timestep` (B,), `encoder_hidden_states` (B, L, D),
-    /// `pooled_projections` (B, P).
+    /// `pooled_projections` (B, P); UNet `sample`, `timestep`, `encoder_hidden_states`, and
+    /// for SDXL `text_embeds`, `time_ids`.
     #[arg(long)]
     pub inputs: PathBuf,
     /// Where to write `sample` (fp32).
@@ -51,10 +55,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         recipe_dir: PathBuf::from("."),
         dtype_override: Some(dtype),
     };
-    let spec = Sd3Spec::from_path(&a.model);
-    let backbone = spec
-        .build(&ctx)
-        .with_context(|| format!("loading the model from {}", a.model.display()))?;
+    let (backbone, sample_name) = if super::forward_unet::is_unet(&a.model) {
+        let b = super::forward_unet::build(&a.model, a.unet.as_ref(), &ctx)?;
+        (b, super::forward_unet::SAMPLE)
+    } else {
+        if a.unet.is_some() {
+            anyhow::bail!(
+                "--unet applies to UNet models; {} is not one",
+                a.model.display()
+            );
+        }
+        let spec = Sd3Spec::from_path(&a.model);
+        let b = spec
+            .build(&ctx)
+            .with_context(|| format!("loading the model from {}", a.model.display()))?;
+        (b, "hidden_states")
+    };
     let file = MappedSafetensors::open(&a.inputs)
         .with_context(|| format!("reading inputs {}", a.inputs.display()))?;
     let get = |name: &str| {
@@ -62,7 +78,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{}: tensor `{name}`", a.inputs.display()))
             .map(|t| t.to_device(device))
     };
-    let x = get("hidden_states")?;
+    let x = get(sample_name)?;
     let t = get("timestep")?.to_kind(Kind::Float);
     let mut cond = Conditioning::new();
     for name in &backbone.info().conditioning {

@@ -1,9 +1,11 @@
 //! One file per subcommand.
 pub mod bench;
+pub mod bench_unet;
 pub mod build;
 pub mod demo;
 pub mod eval;
 pub mod forward;
+pub mod forward_unet;
 pub mod generate;
 pub mod grid;
 pub mod list;

@@ -115,7 +115,7 @@ pub struct FlowMatchEuler {
     pub schedule: Schedule,
 }
 
-fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> {
+pub fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> {
     let mut out = Conditioning::new();
     for (k, va) in &a.0 {
         let vb = b.0.get(k).ok_or_else(|| {

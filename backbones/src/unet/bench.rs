@@ -1,0 +1,176 @@
+//! Timing of the UNet forward and forward+backward, with and without soft tokens.
+use std::time::Instant;
+
+use softalign_core::adapter::soft_tokens::SoftTokensSpec;
+use softalign_core::adapter::{Adapter, Injection, TokenSelection};
+use softalign_core::backbone::{Backbone, Conditioning, Prediction};
+use softalign_core::dtype::DType;
+use softalign_core::plugin::{AdapterSpec, BuildContext};
+use softalign_core::site::{SiteHook, SiteSelector, TokenSpace};
+use softalign_core::{Error, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::config::{PerBlock, UNetConfig};
+use super::spec::{UNetBackbone, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS};
+use crate::schedulers::ddpm::{BetaConfig, DdpmNoise};
+use crate::sd3::bench::{host_peak_mib, BenchRow};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub model: UNetConfig,
+    pub batch: i64,
+    /// Image side in pixels; the latent is 1/8 of it (the SD VAE).
+    pub resolution: i64,
+    pub text_len: i64,
+    pub iters: usize,
+    pub warmup: usize,
+    pub device: Device,
+    pub dtype: DType,
+    pub tokens: i64,
+    /// Block groups that get the soft tokens (`down`, `mid`, `up`).
+    pub sites: Vec<String>,
+}
+
+impl BenchConfig {
+    /// Sized for a 2-core CPU: the SD1.5 block layout at widths 32/64/128/128 (1 resnet per
+    /// block, 4 heads), cross-attention 768 wide, 256 px, batch 4.
+    pub fn small_cpu() -> Self {
+        Self {
+            model: UNetConfig {
+                block_out_channels: vec![32, 64, 128, 128],
+                layers_per_block: PerBlock::One(1),
+                attention_head_dim: PerBlock::One(4),
+                norm_num_groups: Some(16),
+                ..UNetConfig::sd15()
+            },
+            batch: 4,
+            resolution: 256,
+            text_len: 77,
+            iters: 5,
+            warmup: 1,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            tokens: 4,
+            sites: vec!["down".into()],
+        }
+    }
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+    if cfg.resolution % 8 != 0 || cfg.batch <= 0 || cfg.iters == 0 || cfg.text_len < 1 {
+        return Err(Error::invalid(
+            "bench: resolution must be a multiple of 8, batch, iters and text length positive",
+        ));
+    }
+    let dev = cfg.device;
+    let noise = DdpmNoise::new(BetaConfig::default(), Prediction::Epsilon)?;
+    let bb = UNetBackbone::random(&cfg.model, dev, cfg.dtype, noise)?;
+    let m = &cfg.model;
+    let cross = m.resolve()?.cross_attention_dim;
+    let lat = cfg.resolution / 8;
+    let kind = cfg.dtype.kind();
+    let x = Tensor::randn([cfg.batch, m.in_channels, lat, lat], (kind, dev));
+    let t = Tensor::randint(1000, [cfg.batch], (Kind::Int64, dev)).to_kind(Kind::Float);
+    let mut cond = Conditioning::new().with(
+        ENCODER_HIDDEN_STATES,
+        Tensor::randn([cfg.batch, cfg.text_len, cross], (kind, dev)),
+    );
+    if let Some(p) = m.text_embeds_dim() {
+        let r = cfg.resolution as f64;
+        let ids = Tensor::from_slice(&[r, r, 0.0, 0.0, r, r])
+            .to_kind(kind)
+            .to_device(dev)
+            .unsqueeze(0)
+            .repeat([cfg.batch, 1]);
+        cond = cond
+            .with(TEXT_EMBEDS, Tensor::randn([cfg.batch, p], (kind, dev)))
+            .with(TIME_IDS, ids);
+    }
+    let spec = SoftTokensSpec {
+        tokens: cfg.tokens,
+        sites: SiteSelector::Many(cfg.sites.clone()),
+        time_buckets: 0,
+        shared_time_row: true,
+        token_space: TokenSpace::Joint,
+        init: Default::default(),
+        time_init_std: 0.02,
+        sets: vec!["default".into()],
+        ema: false,
+        ema_decay: 0.9999,
+        ema_init: Default::default(),
+    };
+    let ctx = BuildContext {
+        device: dev,
+        recipe_dir: ".".into(),
+        dtype_override: None,
+    };
+    let adapters: Vec<Box<dyn Adapter>> = vec![spec.build(bb.info(), &ctx)?];
+    let inj = Injection {
+        adapters: &adapters,
+        selection: TokenSelection::default(),
+    };
+    let cases = [
+        ("forward", false, false),
+        ("forward + soft tokens", true, false),
+        ("fwd+bwd (to input)", false, true),
+        ("fwd+bwd + soft tokens", true, true),
+    ];
+    let step = |with_tokens: bool, backward: bool| -> Result<()> {
+        let hook = with_tokens.then_some(&inj as &dyn SiteHook);
+        if backward {
+            // Without tokens the gradient goes to the input, so the backward pass is complete.
+            let xi = if with_tokens {
+                x.shallow_clone()
+            } else {
+                x.detach().set_requires_grad(true)
+            };
+            let out = bb.forward(&xi, &t, &cond, hook)?;
+            out.to_kind(Kind::Float)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+        } else {
+            let _guard = tch::no_grad_guard();
+            let _out = bb.forward(&x, &t, &cond, hook)?;
+        }
+        Ok(())
+    };
+    for &(_, tok, bwd) in &cases {
+        for _ in 0..cfg.warmup {
+            step(tok, bwd)?;
+        }
+    }
+    // Round-robin over the cases so that load from other processes hits them alike; the
+    // median of each case's times is reported.
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..cfg.iters {
+        for (k, &(_, tok, bwd)) in cases.iter().enumerate() {
+            sync(dev);
+            let start = Instant::now();
+            step(tok, bwd)?;
+            sync(dev);
+            times[k].push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut rows = Vec::new();
+    for (k, &(case, _, _)) in cases.iter().enumerate() {
+        let v = &mut times[k];
+        v.sort_by(f64::total_cmp);
+        let secs = v[v.len() / 2];
+        let row = BenchRow {
+            case: case.into(),
+            ms_per_step: secs * 1000.0,
+            pairs_per_s: cfg.batch as f64 / secs,
+            host_peak_mib: host_peak_mib(),
+        };
+        report(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,357 @@
+//! The `unet` backbone plugin: a diffusers Stable Diffusion pipeline folder (or a bare UNet
+//! folder), optionally with the UNet taken from another folder (how Diffusion-DPO releases its
+//! SD1.5 and SDXL models), or a preset with random weights for benches and tests.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
+use softalign_core::dtype::DType;
+use softalign_core::plugin::{BackboneSpec, BuildContext};
+use softalign_core::site::SiteHook;
+use softalign_core::tensors::{save_safetensors, write_atomic};
+use softalign_core::{register_plugin, Error, Result};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use super::config::UNetConfig;
+use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
+use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
+use crate::weights::{load_strict, named_variables, weight_files, AllowList};
+
+pub const KIND: &str = "unet";
+pub const WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+pub const ENCODER_HIDDEN_STATES: &str = "encoder_hidden_states";
+pub const TEXT_EMBEDS: &str = "text_embeds";
+pub const TIME_IDS: &str = "time_ids";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetSpec {
+    /// A pipeline folder (with `unet/` and usually `scheduler/`) or a UNet folder
+    /// (config.json + diffusion_pytorch_model*.safetensors).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A UNet folder whose weights replace the base's (a Diffusion-DPO release, a fine-tune);
+    /// everything else, the noise schedule included, comes from `path`.
+    #[serde(default)]
+    pub unet: Option<PathBuf>,
+    /// `sd15` or `sdxl` with random weights (benches, tests).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Storage precision of the weights (default f32).
+    #[serde(default)]
+    pub dtype: Option<DType>,
+    /// `epsilon` or `v_prediction`; default: the pipeline's scheduler_config.json, else epsilon.
+    #[serde(default)]
+    pub prediction_type: Option<Prediction>,
+    /// Model tensors that may be absent from the checkpoint (exact names or `prefix*`).
+    #[serde(default)]
+    pub allow_missing: Vec<String>,
+    /// Checkpoint tensors that may go unused (exact names or `prefix*`).
+    #[serde(default)]
+    pub allow_unused: Vec<String>,
+}
+
+/// Noise schedule and prediction type from a pipeline's scheduler_config.json (the keys every
+/// diffusers scheduler class shares; the rest of that file belongs to the sampler).
+fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Prediction>)> {
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    if !path.is_file() {
+        return Ok((BetaConfig::default(), None));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
+    let mut betas = BetaConfig::default();
+    if let Some(n) = v.get("num_train_timesteps").and_then(|x| x.as_i64()) {
+        betas.num_train_timesteps = n;
+    }
+    if let Some(x) = v.get("beta_start").and_then(|x| x.as_f64()) {
+        betas.beta_start = x;
+    }
+    if let Some(x) = v.get("beta_end").and_then(|x| x.as_f64()) {
+        betas.beta_end = x;
+    }
+    match v.get("beta_schedule").and_then(|x| x.as_str()) {
+        None | Some("scaled_linear") => {}
+        Some("linear") => betas.beta_schedule = BetaSchedule::Linear,
+        Some(o) => {
+            return Err(Error::file(
+                &path,
+                format!("`beta_schedule` = \"{o}\" is not supported (linear, scaled_linear)"),
+            ))
+        }
+    }
+    let pred = match v.get("prediction_type").and_then(|x| x.as_str()) {
+        None => None,
+        Some("epsilon") => Some(Prediction::Epsilon),
+        Some("v_prediction") => Some(Prediction::VPrediction),
+        Some(o) => {
+            return Err(Error::file(
+                &path,
+                format!("`prediction_type` = \"{o}\" is not supported (epsilon, v_prediction)"),
+            ))
+        }
+    };
+    Ok((betas, pred))
+}
+
+impl UNetSpec {
+    pub fn from_path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: Some(path.into()),
+            unet: None,
+            preset: None,
+            dtype: None,
+            prediction_type: None,
+            allow_missing: Vec::new(),
+            allow_unused: Vec::new(),
+        }
+    }
+
+    /// The UNet folder `path` points at (`path/unet` in a pipeline folder).
+    pub fn model_dir(path: &Path) -> PathBuf {
+        let sub = path.join("unet");
+        if sub.join("config.json").is_file() {
+            sub
+        } else {
+            path.to_path_buf()
+        }
+    }
+
+    /// Whether `path` holds a diffusers UNet (pipeline or UNet folder).
+    pub fn is_unet_folder(path: &Path) -> bool {
+        let cfg = Self::model_dir(path).join("config.json");
+        std::fs::read_to_string(cfg)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("_class_name")?.as_str().map(str::to_string))
+            .is_some_and(|c| c == super::config::CLASS_NAME)
+    }
+
+    /// Base config, base weights folder (None for a preset), noise schedule, prediction.
+    fn source(&self, ctx: &BuildContext) -> Result<(UNetConfig, Option<PathBuf>, DdpmNoise)> {
+        let (cfg, dir, betas, pred) = match (&self.path, &self.preset) {
+            (Some(p), None) => {
+                let root = ctx.resolve(p);
+                let dir = Self::model_dir(&root);
+                let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
+                let (betas, pred) = scheduler_settings(&root)?;
+                (cfg, Some(dir), betas, pred)
+            }
+            (None, Some(name)) => (UNetConfig::preset(name)?, None, BetaConfig::default(), None),
+            _ => {
+                return Err(Error::Recipe(
+                    "backbone unet: give exactly one of `path` and `preset`".into(),
+                ))
+            }
+        };
+        let prediction = self.prediction_type.or(pred).unwrap_or(Prediction::Epsilon);
+        if prediction == Prediction::Velocity {
+            return Err(Error::Recipe(
+                "backbone unet: `prediction_type` must be \"epsilon\" or \"v_prediction\"".into(),
+            ));
+        }
+        let noise = DdpmNoise::new(betas, prediction)
+            .map_err(|e| Error::Recipe(format!("backbone unet: {e}")))?;
+        Ok((cfg, dir, noise))
+    }
+
+    fn dtype(&self, ctx: &BuildContext) -> DType {
+        ctx.dtype_override.or(self.dtype).unwrap_or_default()
+    }
+}
+
+register_plugin!(
+    UNET_ENTRY,
+    Backbone,
+    "unet",
+    "Stable Diffusion 1.x/2.x/SDXL UNet2DConditionModel (diffusers folder, optional UNet swap), DDPM noise",
+    r#"[backbone]
+type = "unet"
+path = "models/stable-diffusion-v1-5"
+unet = "models/dpo-sd1.5-text2image-v1/unet"   # optional: Diffusion-DPO UNet
+dtype = "f16"
+"#
+);
+
+#[typetag::serde(name = "unet")]
+impl BackboneSpec for UNetSpec {
+    fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
+        let (cfg, _, noise) = self.source(ctx)?;
+        if self.unet.is_some() && self.preset.is_some() {
+            return Err(Error::Recipe(
+                "backbone unet: `unet` swaps the UNet of a `path` model, not of a preset".into(),
+            ));
+        }
+        info(&cfg, noise.prediction)
+    }
+
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
+        let (cfg, dir, noise) = self.source(ctx)?;
+        let want = info(&cfg, noise.prediction)?;
+        let dtype = self.dtype(ctx);
+        let allow = AllowList {
+            missing: self.allow_missing.clone(),
+            unused: self.allow_unused.clone(),
+        };
+        let b = match (&self.unet, dir) {
+            (Some(swap), Some(base)) => {
+                let swap = Self::model_dir(&ctx.resolve(swap));
+                let b = UNetBackbone::load(&swap, ctx.device, dtype, &allow, noise)?;
+                // Tokens and conditioning trained for the base must fit the swapped UNet.
+                let got = b.info();
+                if got.sites != want.sites || got.conditioning != want.conditioning {
+                    return Err(Error::file(
+                        &swap,
+                        format!(
+                            "does not fit the base model {} (cross-attention width, block groups \
+                             or conditioning differ)",
+                            base.display()
+                        ),
+                    ));
+                }
+                b
+            }
+            (Some(_), None) => {
+                return Err(Error::Recipe(
+                    "backbone unet: `unet` swaps the UNet of a `path` model, not of a preset"
+                        .into(),
+                ))
+            }
+            (None, Some(dir)) => UNetBackbone::load(&dir, ctx.device, dtype, &allow, noise)?,
+            (None, None) => UNetBackbone::random(&cfg, ctx.device, dtype, noise)?,
+        };
+        Ok(Box::new(b))
+    }
+}
+
+pub fn conditioning(cfg: &UNetConfig) -> Vec<String> {
+    let mut v = vec![ENCODER_HIDDEN_STATES.to_string()];
+    if cfg.has_text_time() {
+        v.push(TEXT_EMBEDS.into());
+        v.push(TIME_IDS.into());
+    }
+    v
+}
+
+pub fn info(cfg: &UNetConfig, prediction: Prediction) -> Result<BackboneInfo> {
+    Ok(BackboneInfo {
+        kind: KIND.into(),
+        prediction,
+        sites: sites(cfg)?,
+        conditioning: conditioning(cfg),
+    })
+}
+
+/// A loaded UNet: frozen weights (requires_grad off) in the chosen dtype.
+pub struct UNetBackbone {
+    info: BackboneInfo,
+    vs: VarStore,
+    model: UNet2DConditionModel,
+    noise: DdpmNoise,
+}
+
+impl UNetBackbone {
+    /// Builds the modules (random init) in `dtype` on `device`, frozen.
+    pub fn random(
+        cfg: &UNetConfig,
+        device: Device,
+        dtype: DType,
+        noise: DdpmNoise,
+    ) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        let model = UNet2DConditionModel::new(vs.root(), cfg)?;
+        vs.set_kind(dtype.kind());
+        vs.freeze();
+        Ok(Self {
+            info: info(cfg, noise.prediction)?,
+            vs,
+            model,
+            noise,
+        })
+    }
+
+    /// Loads a UNet folder strictly (see [`load_strict`]).
+    pub fn load(
+        dir: &Path,
+        device: Device,
+        dtype: DType,
+        allow: &AllowList,
+        noise: DdpmNoise,
+    ) -> Result<Self> {
+        let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
+        let files = weight_files(dir, WEIGHTS_STEM)?;
+        let b = Self::random(&cfg, device, dtype, noise)?;
+        load_strict(&b.vs, &files, allow)?;
+        Ok(b)
+    }
+
+    pub fn model(&self) -> &UNet2DConditionModel {
+        &self.model
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        self.model.config()
+    }
+
+    pub fn ddpm(&self) -> &DdpmNoise {
+        &self.noise
+    }
+}
+
+impl Backbone for UNetBackbone {
+    fn info(&self) -> &BackboneInfo {
+        &self.info
+    }
+
+    fn noise(&self) -> &dyn NoiseProcess {
+        &self.noise
+    }
+
+    fn forward(
+        &self,
+        x_t: &Tensor,
+        t: &Tensor,
+        cond: &Conditioning,
+        hook: Option<&dyn SiteHook>,
+    ) -> Result<Tensor> {
+        let ehs = cond.get(ENCODER_HIDDEN_STATES)?;
+        let text_time = if self.config().has_text_time() {
+            Some(TextTime {
+                text_embeds: cond.get(TEXT_EMBEDS)?,
+                time_ids: cond.get(TIME_IDS)?,
+            })
+        } else {
+            None
+        };
+        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+        self.model.forward(x_t, t, ehs, text_time, hook)
+    }
+
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        let c = self.config();
+        c.sample_hw().map(|(h, w)| [c.in_channels, h, w])
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+        let cfg = serde_json::to_string_pretty(&self.config().to_json()).expect("json");
+        write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        save_safetensors(
+            dir.join(format!("{WEIGHTS_STEM}.safetensors")),
+            &named_variables(&self.vs),
+            &meta,
+        )
+    }
+}

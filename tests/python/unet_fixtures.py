@@ -1,0 +1,254 @@
+"""Fixtures for the UNet tests: tiny random diffusers UNet2DConditionModel folders (SD1.5-like,
+SDXL-like, SD2-like v-prediction pipeline, a second "Diffusion-DPO" UNet for the folder swap),
+their outputs on fixed inputs with a different timestep per sample, a reference of SoftREPA's
+token insertion after BOS per block group (forward pre-hooks that rewrite the
+encoder_hidden_states each block group receives), DDIMScheduler timesteps and step outputs,
+and DDPM add_noise / get_velocity.
+
+usage: unet_fixtures.py OUT_DIR
+"""
+import json
+import os
+import sys
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+
+CROSS = 24
+BATCH = 3
+TEXT_LEN = 6
+TIMESTEPS = torch.tensor([0.0, 421.0, 999.0])  # different per sample
+
+SD15 = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=CROSS,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+SDXL = dict(
+    sample_size=16,
+    block_out_channels=(32, 32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    cross_attention_dim=CROSS,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=10 + 6 * 8,
+    norm_num_groups=8,
+)
+SD2 = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=CROSS,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    upcast_attention=True,
+    norm_num_groups=8,
+)
+POOLED = 10
+
+
+def randomise(model, gen):
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def inputs(cfg, hw, gen):
+    h, w = hw
+    inp = {
+        "sample": torch.randn(BATCH, 4, h, w, generator=gen),
+        "timestep": TIMESTEPS.clone(),
+        "encoder_hidden_states": torch.randn(BATCH, TEXT_LEN, CROSS, generator=gen),
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        inp["text_embeds"] = torch.randn(BATCH, POOLED, generator=gen)
+        inp["time_ids"] = torch.tensor(
+            [[128.0, 128.0, 0.0, 0.0, 128.0, 128.0], [96.0, 64.0, 8.0, 4.0, 128.0, 128.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]
+        )
+    return inp
+
+
+def run(model, inp, contexts=None):
+    """The diffusers forward; `contexts` maps a block group to the encoder_hidden_states its
+    blocks receive instead of the model's input."""
+    handles = []
+    if contexts:
+        def hook_for(ctx):
+            def hook(_module, args, kwargs):
+                kwargs = dict(kwargs)
+                kwargs["encoder_hidden_states"] = ctx
+                return args, kwargs
+            return hook
+
+        groups = {"down": list(model.down_blocks), "mid": [model.mid_block], "up": list(model.up_blocks)}
+        for g, ctx in contexts.items():
+            for m in groups[g]:
+                handles.append(m.register_forward_pre_hook(hook_for(ctx), with_kwargs=True))
+    kw = {}
+    if "text_embeds" in inp:
+        kw["added_cond_kwargs"] = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
+    try:
+        with torch.no_grad():
+            return model(inp["sample"], inp["timestep"], inp["encoder_hidden_states"], return_dict=False, **kw)[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def after_bos(ehs, tokens):
+    return torch.cat([ehs[:, :1], tokens, ehs[:, 1:]], dim=1)
+
+
+def injected(model, inp, tokens, table, groups):
+    """SoftREPA's UNet injection: at each active group the context is [BOS, tokens + time row,
+    rest]; tokens (len(groups), n, D); table (100, D) shared by all groups, or None."""
+    b = inp["sample"].shape[0]
+    ctxs = {}
+    for k, g in enumerate(groups):
+        tok = tokens[k].unsqueeze(0).expand(b, -1, -1)
+        if table is not None:
+            rows = inp["timestep"].long().clamp(max=999) // 10
+            tok = tok + table[rows].unsqueeze(1)
+        ctxs[g] = after_bos(inp["encoder_hidden_states"], tok)
+    return run(model, inp, ctxs)
+
+
+def save(d, tensors):
+    os.makedirs(d, exist_ok=True)
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, os.path.join(d, "io.safetensors"))
+
+
+def main(out):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(4321)
+    manifest = {"cases": {}}
+
+    models = {}
+    for name, cfg, folder in (
+        ("sd15", SD15, "sd15/model"),
+        ("sdxl", SDXL, "sdxl/model"),
+        ("sd2_vpred", SD2, "sd2_vpred/pipeline/unet"),
+        ("dpo", SD15, "dpo/unet"),
+    ):
+        model = UNet2DConditionModel(**cfg).eval()
+        randomise(model, gen)
+        model.save_pretrained(os.path.join(out, folder), safe_serialization=True)
+        models[name] = model
+        # The v-prediction case is loaded as a pipeline folder (unet/ + scheduler/).
+        manifest["cases"][name] = dict(folder=folder.removesuffix("/unet") if name == "sd2_vpred" else folder)
+
+    # v-prediction pipeline: its scheduler config carries the prediction type.
+    sched = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+    )
+    sched.save_pretrained(os.path.join(out, "sd2_vpred/pipeline/scheduler"))
+
+    # Forward parity, timesteps different per sample.
+    for name, cfg, hw in (("sd15", SD15, (16, 16)), ("sdxl", SDXL, (16, 16)), ("sd2_vpred", SD2, (16, 16)), ("dpo", SD15, (16, 16))):
+        inp = inputs(cfg, hw, gen)
+        save(os.path.join(out, name), dict(inp, out=run(models[name], inp)))
+    # A latent whose side is not a multiple of the down-sampling factor (upsample_size path).
+    inp = inputs(SD15, (14, 10), gen)
+    save(os.path.join(out, "sd15_odd"), dict(inp, out=run(models["sd15"], inp)))
+    manifest["cases"]["sd15_odd"] = dict(folder="sd15/model")
+
+    # Token insertion after BOS: SD1.5-like in [down] without a time table; SDXL-like in
+    # [down, mid] with a shared time table; the swapped UNet with the SD1.5 tokens.
+    n_tok = 3
+    inject = {}
+    for case, model_name, groups, with_table in (
+        ("inject_sd15", "sd15", ["down"], False),
+        ("inject_sdxl", "sdxl", ["down", "mid"], True),
+    ):
+        io = dict((k, v) for k, v in _load(out, model_name).items() if k != "out")
+        tokens = torch.randn(len(groups), n_tok, CROSS, generator=gen) * 0.7
+        table = torch.randn(100, CROSS, generator=gen) * 0.5 if with_table else None
+        io["tokens"] = tokens
+        if table is not None:
+            io["time_table"] = table
+        io["out"] = injected(models[model_name], io, tokens, table, groups)
+        io["plain"] = run(models[model_name], io)
+        save(os.path.join(out, case), io)
+        inject[case] = dict(model=model_name, groups=groups, tokens=n_tok, time_table=with_table)
+        if case == "inject_sd15":
+            swap = dict(io)
+            swap["out"] = injected(models["dpo"], io, tokens, None, groups)
+            swap["plain"] = run(models["dpo"], io)
+            save(os.path.join(out, "inject_dpo"), swap)
+    manifest["inject"] = inject
+
+    # DDIM: timesteps and step outputs on fixed inputs.
+    ddim = {}
+    g2 = torch.Generator().manual_seed(99)
+    shape = (2, 4, 5, 5)
+    io = {}
+    configs = [
+        dict(steps=30, spacing="leading", offset=1, alpha_one=False, eta=0.0, pred="epsilon", clip=False),
+        dict(steps=50, spacing="leading", offset=1, alpha_one=False, eta=1.0, pred="epsilon", clip=False),
+        dict(steps=7, spacing="trailing", offset=0, alpha_one=True, eta=0.5, pred="v_prediction", clip=False),
+        dict(steps=30, spacing="trailing", offset=0, alpha_one=False, eta=0.0, pred="epsilon", clip=False),
+        dict(steps=11, spacing="linspace", offset=0, alpha_one=True, eta=0.0, pred="v_prediction", clip=False),
+        dict(steps=4, spacing="leading", offset=0, alpha_one=True, eta=0.3, pred="epsilon", clip=True),
+        dict(steps=1000, spacing="leading", offset=0, alpha_one=False, eta=0.0, pred="epsilon", clip=False),
+    ]
+    for k, c in enumerate(configs):
+        s = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=c["clip"],
+            set_alpha_to_one=c["alpha_one"], steps_offset=c["offset"], prediction_type=c["pred"],
+            timestep_spacing=c["spacing"],
+        )
+        s.set_timesteps(c["steps"])
+        ts = s.timesteps.tolist()
+        picks = sorted(set([0, len(ts) // 2, len(ts) - 1]))
+        for i in picks:
+            t = ts[i]
+            mo = torch.randn(shape, generator=g2)
+            x = torch.randn(shape, generator=g2) * 2.0
+            noise = torch.randn(shape, generator=g2)
+            r = s.step(mo, t, x, eta=c["eta"], variance_noise=noise if c["eta"] > 0 else None)
+            key = f"{k}_{i}"
+            io[f"{key}.model_output"] = mo
+            io[f"{key}.sample"] = x
+            io[f"{key}.noise"] = noise
+            io[f"{key}.prev_sample"] = r.prev_sample
+            io[f"{key}.pred_original_sample"] = r.pred_original_sample
+        ddim[str(k)] = dict(c, timesteps=ts, picks=picks)
+    # DDPM training noise: add_noise and the v target at per-sample timesteps.
+    ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x0 = torch.randn(4, 4, 5, 5, generator=g2)
+    eps = torch.randn(4, 4, 5, 5, generator=g2)
+    t = torch.tensor([0, 1, 500, 999])
+    io["ddpm.x0"] = x0
+    io["ddpm.eps"] = eps
+    io["ddpm.t"] = t.float()
+    io["ddpm.noisy"] = ddpm.add_noise(x0, eps, t)
+    io["ddpm.velocity"] = ddpm.get_velocity(x0, eps, t)
+    io["ddpm.alphas_cumprod"] = ddpm.alphas_cumprod
+    save(os.path.join(out, "schedulers"), io)
+    manifest["ddim"] = ddim
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def _load(out, case):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, case, "io.safetensors"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
