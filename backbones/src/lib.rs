@@ -3,4 +3,5 @@ pub mod clip;
 pub mod schedulers;
 pub mod sd3;
 pub mod shapes;
+pub mod t5;
 pub mod weights;

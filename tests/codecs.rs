@@ -1,0 +1,282 @@
+//! Text encoders, tokenizers, the VAE, `softalign forward` on their folders and
+//! `softalign import-tokens`, against transformers 5.23.0 / diffusers 0.42.1 / torch on tiny
+//! random models written by `tests/python/codecs_*.py` (each run once per test binary).
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use softalign_backbones::clip::ClipTokenizer;
+use softalign_backbones::t5::{T5Encoder, T5Tokenizer};
+use softalign_core::tensors::MappedSafetensors;
+use tch::{Device, Kind, Tensor};
+
+const TOL: f64 = 1e-4;
+
+struct Dir {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    manifest: serde_json::Value,
+}
+
+impl Dir {
+    fn new(script: &str) -> Self {
+        let dir = common::python_fixture(script);
+        let manifest = common::read_json(dir.path(), "manifest.json");
+        Self {
+            root: dir.path().to_path_buf(),
+            _dir: dir,
+            manifest,
+        }
+    }
+}
+
+fn text() -> &'static Dir {
+    static F: OnceLock<Dir> = OnceLock::new();
+    F.get_or_init(|| Dir::new("codecs_text.py"))
+}
+
+fn read(path: &Path) -> BTreeMap<String, Tensor> {
+    MappedSafetensors::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .all()
+        .unwrap()
+}
+
+fn max_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shapes differ");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> f64 {
+    let err = max_err(got, want);
+    println!("{what}: max abs error {err:.3e}");
+    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
+    err
+}
+
+// ---------------------------------------------------------------- T5
+
+fn t5_case(case: &str) -> (T5Encoder, BTreeMap<String, Tensor>) {
+    let d = text().root.join("t5").join(case);
+    let enc = T5Encoder::load(d.join("model"), Device::Cpu, Kind::Float).expect("load T5");
+    (enc, read(&d.join("io.safetensors")))
+}
+
+fn t5_parity(case: &str) {
+    let (enc, io) = t5_case(case);
+    let _guard = tch::no_grad_guard();
+    let out = enc.encode(&io["input_ids"]).unwrap();
+    let layers = text().manifest["t5"][case]["num_layers"].as_u64().unwrap() as usize;
+    assert_eq!(out.hidden_states.len(), layers + 1);
+    let mut worst = check(
+        &format!("t5 `{case}` last_hidden_state"),
+        &out.last_hidden_state,
+        &io["last_hidden_state"],
+        TOL,
+    );
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        worst = worst.max(check(
+            &format!("t5 `{case}` hidden_states.{i}"),
+            h,
+            &io[&format!("hidden_states.{i}")],
+            TOL,
+        ));
+    }
+    let masked = enc
+        .encode_masked(&io["input_ids"], Some(&io["attention_mask"]))
+        .unwrap();
+    worst = worst.max(check(
+        &format!("t5 `{case}` masked last_hidden_state"),
+        &masked.last_hidden_state,
+        &io["masked.last_hidden_state"],
+        TOL,
+    ));
+    // The mask must matter, or the masked comparison proves nothing.
+    assert!(max_err(&masked.last_hidden_state, &out.last_hidden_state) > 1e-2);
+    println!("t5 parity `{case}`: worst {worst:.3e}");
+}
+
+#[test]
+fn t5_gated_gelu_matches_transformers() {
+    t5_parity("gated_gelu");
+}
+
+#[test]
+fn t5_relu_matches_transformers() {
+    t5_parity("relu");
+}
+
+#[test]
+fn t5_bf16_tracks_fp32_and_fp16_is_refused() {
+    let d = text().root.join("t5").join("gated_gelu");
+    let err = T5Encoder::load(d.join("model"), Device::Cpu, Kind::Half)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fp16"), "{err}");
+    let enc = T5Encoder::load(d.join("model"), Device::Cpu, Kind::BFloat16).unwrap();
+    assert!(enc
+        .vs()
+        .variables()
+        .values()
+        .all(|t| t.kind() == Kind::BFloat16));
+    let io = read(&d.join("io.safetensors"));
+    let _guard = tch::no_grad_guard();
+    let out = enc.encode(&io["input_ids"]).unwrap();
+    assert_eq!(out.last_hidden_state.kind(), Kind::BFloat16);
+    let fp32 = max_err(&out.last_hidden_state, &io["last_hidden_state"]);
+    let err = max_err(&out.last_hidden_state, &io["bf16.last_hidden_state"]);
+    println!("t5 bf16 vs transformers bf16: max abs error {err:.3e} (vs fp32: {fp32:.3e})");
+    // Both run bf16 weights; kernels may round differently, much less than bf16 vs fp32.
+    assert!(
+        err < 0.5 * fp32,
+        "bf16 path differs from transformers' bf16: {err}"
+    );
+}
+
+#[test]
+fn t5_save_pretrained_round_trips_and_loading_is_strict() {
+    let (enc, io) = t5_case("gated_gelu");
+    let dir = tempfile::tempdir().unwrap();
+    enc.save_pretrained(dir.path()).unwrap();
+    let original =
+        MappedSafetensors::open(text().root.join("t5/gated_gelu/model/model.safetensors"))
+            .unwrap()
+            .names();
+    let saved = MappedSafetensors::open(dir.path().join("model.safetensors"))
+        .unwrap()
+        .names();
+    assert_eq!(saved, original, "names as transformers writes them");
+    let again = T5Encoder::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(again.config(), enc.config());
+    let _guard = tch::no_grad_guard();
+    let (a, b) = (
+        enc.encode(&io["input_ids"]).unwrap(),
+        again.encode(&io["input_ids"]).unwrap(),
+    );
+    assert_eq!(max_err(&a.last_hidden_state, &b.last_hidden_state), 0.0);
+
+    // A checkpoint holding only `encoder.embed_tokens.weight` (no `shared.weight`) loads the
+    // same; an extra tensor is named.
+    let mut t = read(&dir.path().join("model.safetensors"));
+    let shared = t.remove("shared.weight").unwrap();
+    t.insert("encoder.embed_tokens.weight".into(), shared);
+    let alt = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.path().join("config.json"),
+        alt.path().join("config.json"),
+    )
+    .unwrap();
+    let write = |t: &BTreeMap<String, Tensor>| {
+        let list: Vec<(String, Tensor)> = t
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect();
+        softalign_core::tensors::save_safetensors(
+            alt.path().join("model.safetensors"),
+            &list,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+    };
+    write(&t);
+    let c = T5Encoder::load(alt.path(), Device::Cpu, Kind::Float).unwrap();
+    let out = c.encode(&io["input_ids"]).unwrap();
+    assert_eq!(max_err(&out.last_hidden_state, &a.last_hidden_state), 0.0);
+    t.insert(
+        "decoder.block.0.layer.0.SelfAttention.q.weight".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    );
+    write(&t);
+    let err = T5Encoder::load(alt.path(), Device::Cpu, Kind::Float)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("decoder.block.0.layer.0.SelfAttention.q.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn t5_config_refuses_what_is_not_implemented() {
+    use softalign_backbones::t5::T5Config;
+    let base = serde_json::json!({"model_type": "t5", "d_model": 8, "d_kv": 2, "d_ff": 4,
+        "num_layers": 1, "num_heads": 4, "feed_forward_proj": "gated-gelu",
+        "num_decoder_layers": 1, "task_specific_params": {}});
+    let cfg = T5Config::from_json(base.clone()).unwrap();
+    assert!(cfg.is_gated());
+    for (key, value, expect) in [
+        ("model_type", serde_json::json!("umt5"), "umt5"),
+        ("is_decoder", serde_json::json!(true), "is_decoder"),
+        ("feed_forward_proj", serde_json::json!("gated-tanh"), "tanh"),
+        ("feed_forward_proj", serde_json::json!("a-b-c"), "a-b-c"),
+        ("num_heads", serde_json::json!(0), "num_heads"),
+    ] {
+        let mut v = base.clone();
+        v[key] = value;
+        let err = T5Config::from_json(v).unwrap_err().to_string();
+        assert!(err.contains(expect), "{key}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------- tokenizers
+
+fn captions() -> Vec<String> {
+    serde_json::from_value(text().manifest["captions"].clone()).unwrap()
+}
+
+fn expected_ids(v: &serde_json::Value) -> Vec<Vec<i64>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn t5_tokenizer_ids_match_transformers() {
+    let caps = captions();
+    for n in [16usize, 256] {
+        let tok = T5Tokenizer::from_file(text().root.join("t5_tok"), n).unwrap();
+        assert_eq!(
+            i64::from(tok.pad_id()),
+            text().manifest["t5_pad_id"].as_i64().unwrap()
+        );
+        let want = expected_ids(&text().manifest["t5_ids"][n.to_string()]);
+        for (c, w) in caps.iter().zip(&want) {
+            let got = tok.encode_ids(c).unwrap();
+            assert_eq!(&got, w, "T5 ids (max_length {n}) differ for {c:?}");
+        }
+        let refs: Vec<&str> = caps.iter().map(String::as_str).collect();
+        let (ids, mask) = tok.encode_batch(&refs, Device::Cpu).unwrap();
+        assert_eq!(ids.size(), [caps.len() as i64, n as i64]);
+        let ids: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&ids).unwrap();
+        assert_eq!(ids, want);
+        // The empty prompt is `</s>` then padding; the mask covers `</s>` only.
+        let row: Vec<i64> = Vec::<i64>::try_from(mask.get(3)).unwrap();
+        assert_eq!(row.iter().sum::<i64>(), 1);
+    }
+    // Truncation keeps `</s>` last, as transformers' fast tokenizer does.
+    let tok = T5Tokenizer::from_file(text().root.join("t5_tok"), 16).unwrap();
+    let long = tok.encode_ids(&caps[5]).unwrap();
+    assert_eq!(long[15], i64::from(tok.eos_id()));
+}
+
+#[test]
+fn clip_bpe_from_vocab_and_merges_matches_transformers() {
+    let tok = ClipTokenizer::from_folder(text().root.join("clip_bpe"), 77).unwrap();
+    assert_eq!(
+        i64::from(tok.pad_id()),
+        text().manifest["clip_pad_id"].as_i64().unwrap()
+    );
+    let caps = captions();
+    let want = expected_ids(&text().manifest["clip_ids"]);
+    for (c, w) in caps.iter().zip(&want) {
+        assert_eq!(&tok.encode_ids(c).unwrap(), w, "CLIP ids differ for {c:?}");
+    }
+    // The merges apply (one id per known word), so the BPE path is really exercised.
+    let ids = tok.encode_ids("a RED cube").unwrap();
+    assert_eq!(ids[2], i64::from(tok.token_to_id("red</w>").unwrap()));
+    let err = ClipTokenizer::from_folder(text().root.join("t5"), 77).unwrap_err();
+    assert!(err.to_string().contains("merges.txt"), "{err}");
+}
