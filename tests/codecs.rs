@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use softalign_backbones::clip::ClipTokenizer;
 use softalign_backbones::t5::{T5Encoder, T5Tokenizer};
+use softalign_backbones::vae::{AutoencoderKl, VaeConfig};
 use softalign_core::tensors::MappedSafetensors;
 use tch::{Device, Kind, Tensor};
 
@@ -279,4 +280,129 @@ fn clip_bpe_from_vocab_and_merges_matches_transformers() {
     assert_eq!(ids[2], i64::from(tok.token_to_id("red</w>").unwrap()));
     let err = ClipTokenizer::from_folder(text().root.join("t5"), 77).unwrap_err();
     assert!(err.to_string().contains("merges.txt"), "{err}");
+}
+
+// ---------------------------------------------------------------- VAE
+
+fn vae_dir() -> &'static Dir {
+    static F: OnceLock<Dir> = OnceLock::new();
+    F.get_or_init(|| Dir::new("codecs_vae.py"))
+}
+
+fn vae_case(case: &str) -> (AutoencoderKl, BTreeMap<String, Tensor>) {
+    let d = vae_dir().root.join(case);
+    let vae = AutoencoderKl::load(d.join("vae"), Device::Cpu, Kind::Float).expect("load VAE");
+    (vae, read(&d.join("io.safetensors")))
+}
+
+fn vae_parity(case: &str) {
+    let (vae, io) = vae_case(case);
+    let _guard = tch::no_grad_guard();
+    // Non-degenerate references, so an exact match means something.
+    for k in ["latent_dist.mean", "decoded"] {
+        assert!(io[k].std(true).double_value(&[]) > 1e-2, "`{k}` is flat");
+    }
+    let post = vae.encode(&io["sample"]).unwrap();
+    let mut worst = check(
+        &format!("vae `{case}` latent_dist.mean"),
+        &post.mean,
+        &io["latent_dist.mean"],
+        TOL,
+    );
+    worst = worst.max(check(
+        &format!("vae `{case}` latent_dist.std"),
+        &post.std,
+        &io["latent_dist.std"],
+        TOL,
+    ));
+    let decoded = vae.decode(&io["latents"]).unwrap();
+    worst = worst.max(check(
+        &format!("vae `{case}` decode"),
+        &decoded,
+        &io["decoded"],
+        TOL,
+    ));
+    // The scaling constants are the folder's.
+    let m = &vae_dir().manifest[case];
+    assert_eq!(
+        vae.config().scaling_factor,
+        m["scaling_factor"].as_f64().unwrap()
+    );
+    assert_eq!(vae.config().shift_factor, m["shift_factor"].as_f64());
+    let scaled = vae.scale_latents(&post.mean);
+    let want = (&post.mean - m["shift_factor"].as_f64().unwrap_or(0.0))
+        * m["scaling_factor"].as_f64().unwrap();
+    assert_eq!(max_err(&scaled, &want), 0.0);
+    assert!(max_err(&vae.unscale_latents(&scaled), &post.mean) < 1e-6);
+    let images = vae.latents_to_images(&io["latents"]).unwrap();
+    let want = vae
+        .decode(&vae.unscale_latents(&io["latents"]))
+        .unwrap()
+        .clamp(-1.0, 1.0);
+    assert_eq!(max_err(&images, &want), 0.0);
+    println!("vae parity `{case}`: worst {worst:.3e}");
+}
+
+#[test]
+fn vae_4_channel_with_quant_convs_matches_diffusers() {
+    let (vae, _) = vae_case("kl4_quant");
+    assert!(vae.quant_conv.is_some() && vae.post_quant_conv.is_some());
+    vae_parity("kl4_quant");
+}
+
+#[test]
+fn vae_16_channel_sd3_without_quant_convs_matches_diffusers() {
+    let (vae, _) = vae_case("kl16_sd3");
+    assert!(vae.quant_conv.is_none() && vae.post_quant_conv.is_none());
+    vae_parity("kl16_sd3");
+}
+
+#[test]
+fn vae_posterior_sample_matches_diffusers_global_generator() {
+    let (vae, io) = vae_case("kl4_quant");
+    let _guard = tch::no_grad_guard();
+    let post = vae.encode(&io["sample"]).unwrap();
+    // Other tests in this binary do not draw from the global generator.
+    tch::manual_seed(123);
+    let sample = post.sample();
+    check(
+        "vae posterior sample (seed 123)",
+        &sample,
+        &io["latent_dist.sample"],
+        TOL,
+    );
+    let noise = (&io["latent_dist.sample"] - &post.mean) / &post.std;
+    let again = post.sample_with(&noise).unwrap();
+    assert!(max_err(&again, &io["latent_dist.sample"]) < TOL);
+    assert!(post.sample_with(&noise.narrow(0, 0, 1)).is_err());
+}
+
+#[test]
+fn vae_rejects_bad_inputs_and_round_trips_save() {
+    let (vae, io) = vae_case("kl16_sd3");
+    let bad = Tensor::zeros([1, 3, 15, 12], (Kind::Float, Device::Cpu));
+    let err = vae.encode(&bad).unwrap_err().to_string();
+    assert!(err.contains("multiples of 2"), "{err}");
+    let err = vae.decode(&io["sample"]).unwrap_err().to_string();
+    assert!(err.contains("latents") && err.contains("16"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    vae.save_pretrained(dir.path()).unwrap();
+    let again = AutoencoderKl::load(dir.path(), Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(again.config(), vae.config());
+    let _guard = tch::no_grad_guard();
+    let (a, b) = (
+        vae.decode(&io["latents"]).unwrap(),
+        again.decode(&io["latents"]).unwrap(),
+    );
+    assert_eq!(max_err(&a, &b), 0.0);
+    let cfg = vae_dir().root.join("kl16_sd3/vae/config.json");
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["up_block_types"][0] = "AttnUpDecoderBlock2D".into();
+    let err = VaeConfig::from_json(v.clone()).unwrap_err().to_string();
+    assert!(err.contains("AttnUpDecoderBlock2D"), "{err}");
+    v["up_block_types"][0] = "UpDecoderBlock2D".into();
+    v["use_tiny_decoder"] = true.into();
+    let err = VaeConfig::from_json(v).unwrap_err().to_string();
+    assert!(err.contains("use_tiny_decoder"), "{err}");
 }

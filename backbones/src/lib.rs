@@ -4,4 +4,5 @@ pub mod schedulers;
 pub mod sd3;
 pub mod shapes;
 pub mod t5;
+pub mod vae;
 pub mod weights;
