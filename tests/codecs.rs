@@ -406,3 +406,114 @@ fn vae_rejects_bad_inputs_and_round_trips_save() {
     let err = VaeConfig::from_json(v).unwrap_err().to_string();
     assert!(err.contains("use_tiny_decoder"), "{err}");
 }
+
+// ---------------------------------------------------------------- softalign forward
+
+fn softalign(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(args)
+        .output()
+        .expect("run softalign")
+}
+
+/// Runs `softalign forward --model DIR` on the named tensors of `io` and returns its outputs.
+fn cli_forward(
+    dir: &Path,
+    io: &BTreeMap<String, Tensor>,
+    names: &[&str],
+) -> BTreeMap<String, Tensor> {
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let list: Vec<(String, Tensor)> = names
+        .iter()
+        .map(|n| (n.to_string(), io[*n].shallow_clone()))
+        .collect();
+    softalign_core::tensors::save_safetensors(&inputs, &list, &BTreeMap::new()).unwrap();
+    let output = tmp.path().join("out.safetensors");
+    let o = softalign(&[
+        "forward",
+        "--model",
+        dir.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        o.status.success(),
+        "softalign forward failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    read(&output)
+}
+
+#[test]
+fn forward_cli_on_clip_with_projection_folder() {
+    let d = text().root.join("clip_proj");
+    let io = read(&d.join("io.safetensors"));
+    let out = cli_forward(&d.join("model"), &io, &["input_ids"]);
+    let layers = text().manifest["clip_proj_layers"].as_u64().unwrap();
+    let mut names = vec![
+        "last_hidden_state".to_string(),
+        "pooler_output".into(),
+        "text_embeds".into(),
+    ];
+    names.extend((0..=layers).map(|i| format!("hidden_states.{i}")));
+    names.sort();
+    assert_eq!(out.keys().cloned().collect::<Vec<_>>(), names);
+    for n in &names {
+        check(&format!("forward cli clip `{n}`"), &out[n], &io[n], TOL);
+    }
+}
+
+#[test]
+fn forward_cli_on_t5_folder() {
+    let d = text().root.join("t5").join("gated_gelu");
+    let io = read(&d.join("io.safetensors"));
+    let out = cli_forward(&d.join("model"), &io, &["input_ids"]);
+    assert!(!out.contains_key("pooler_output"));
+    for n in ["last_hidden_state", "hidden_states.0", "hidden_states.3"] {
+        check(&format!("forward cli t5 `{n}`"), &out[n], &io[n], TOL);
+    }
+    let masked = cli_forward(&d.join("model"), &io, &["input_ids", "attention_mask"]);
+    check(
+        "forward cli t5 masked",
+        &masked["last_hidden_state"],
+        &io["masked.last_hidden_state"],
+        TOL,
+    );
+}
+
+#[test]
+fn forward_cli_on_vae_folders() {
+    for case in ["kl4_quant", "kl16_sd3"] {
+        let d = vae_dir().root.join(case);
+        let io = read(&d.join("io.safetensors"));
+        let out = cli_forward(&d.join("vae"), &io, &["sample", "latents"]);
+        check(
+            &format!("forward cli vae `{case}` mean"),
+            &out["latent_dist.mean"],
+            &io["latent_dist.mean"],
+            TOL,
+        );
+        check(
+            &format!("forward cli vae `{case}` std"),
+            &out["latent_dist.std"],
+            &io["latent_dist.std"],
+            TOL,
+        );
+        check(
+            &format!("forward cli vae `{case}` decode"),
+            &out["sample"],
+            &io["decoded"],
+            TOL,
+        );
+    }
+    // Decode only.
+    let d = vae_dir().root.join("kl16_sd3");
+    let io = read(&d.join("io.safetensors"));
+    let out = cli_forward(&d.join("vae"), &io, &["latents"]);
+    assert_eq!(out.keys().collect::<Vec<_>>(), ["sample"]);
+}

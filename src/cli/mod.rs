@@ -4,6 +4,8 @@ pub mod build;
 pub mod demo;
 pub mod eval;
 pub mod forward;
+pub mod forward_text;
+pub mod forward_vae;
 pub mod generate;
 pub mod grid;
 pub mod list;

@@ -16,7 +16,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer)
 
 T5_BASE = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=20,
@@ -90,6 +91,32 @@ def t5_cases(out, manifest):
         manifest["t5"][name] = dict(num_layers=cfg.num_layers)
 
 
+def clip_case(out, manifest):
+    """An OpenCLIP-bigG-shaped tower in miniature (gelu, projection, legacy EOS pooling) for
+    `softalign forward` on a CLIPTextModelWithProjection folder."""
+    gen = torch.Generator().manual_seed(11)
+    cfg = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=16, projection_dim=24,
+                         hidden_act="gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    model = CLIPTextModelWithProjection(cfg).eval()
+    randomise(model, gen)
+    ids = torch.randint(3, 98, (2, 16), generator=gen)
+    ids[:, 0] = 98
+    ids[0, 5:] = 99
+    ids[1, 12:] = 99
+    with torch.no_grad():
+        o = model(input_ids=ids, output_hidden_states=True)
+        pooled = model.text_model(input_ids=ids).pooler_output
+    io = {"input_ids": ids, "last_hidden_state": o.last_hidden_state, "text_embeds": o.text_embeds,
+          "pooler_output": pooled}
+    for i, h in enumerate(o.hidden_states):
+        io[f"hidden_states.{i}"] = h
+    d = os.path.join(out, "clip_proj")
+    model.save_pretrained(os.path.join(d, "model"))
+    save_file({k: v.clone().contiguous() for k, v in io.items()}, os.path.join(d, "io.safetensors"))
+    manifest["clip_proj_layers"] = cfg.num_hidden_layers
+
+
 def bytes_to_unicode():
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
           + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
@@ -144,6 +171,7 @@ def main(out):
     os.makedirs(out, exist_ok=True)
     manifest = {"captions": CAPTIONS}
     t5_cases(out, manifest)
+    clip_case(out, manifest)
 
     # T5: a tiny Unigram vocabulary; NFKC stands in for the sentencepiece charsmap.
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
