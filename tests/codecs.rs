@@ -517,3 +517,123 @@ fn forward_cli_on_vae_folders() {
     let out = cli_forward(&d.join("vae"), &io, &["latents"]);
     assert_eq!(out.keys().collect::<Vec<_>>(), ["sample"]);
 }
+
+// ---------------------------------------------------------------- import-tokens
+
+fn tokens_dir() -> &'static Path {
+    static F: OnceLock<tempfile::TempDir> = OnceLock::new();
+    F.get_or_init(|| common::python_fixture("codecs_tokens.py"))
+        .path()
+}
+
+/// Runs import-tokens on `case` and returns the written file's tensors and metadata.
+fn import(
+    case: &str,
+    backbone: &str,
+) -> (
+    BTreeMap<String, Tensor>,
+    std::collections::HashMap<String, String>,
+) {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("tokens.safetensors");
+    let o = softalign(&[
+        "import-tokens",
+        tokens_dir().join(case).to_str().unwrap(),
+        "--backbone",
+        backbone,
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "import-tokens {case} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let m = MappedSafetensors::open(&file).unwrap();
+    (m.all().unwrap(), m.metadata().unwrap())
+}
+
+#[test]
+fn import_tokens_sd3_released_layout() {
+    let reference = read(&tokens_dir().join("sd3/reference.safetensors"));
+    let (t, meta) = import("sd3", "sd3");
+    assert_eq!(t["default.tokens"].size(), [5, 4, 1536]);
+    assert_eq!(max_err(&t["default.tokens"], &reference["tokens"]), 0.0);
+    assert_eq!(t["time_table"].size(), [100, 7680]);
+    assert_eq!(max_err(&t["time_table"], &reference["time_table"]), 0.0);
+    assert_eq!(meta["adapter"], "soft_tokens");
+    assert_eq!(meta["token_space"], "joint");
+    assert_eq!(meta["time_buckets"], "100");
+    let sites: Vec<String> = serde_json::from_str(&meta["sites"]).unwrap();
+    assert_eq!(
+        sites,
+        (0..5)
+            .map(|i| format!("joint_blocks.{i}"))
+            .collect::<Vec<_>>()
+    );
+    // The file loads back as soft tokens for an SD3-shaped backbone with those sites.
+    let spec: softalign_core::adapter::soft_tokens::SoftTokensSpec =
+        serde_json::from_str(&meta["spec"]).unwrap();
+    assert!(!spec.shared_time_row);
+
+    // Tokens trained by the current reference code live in the T5 (context) space.
+    let (t, meta) = import("sd3_context", "sd3");
+    assert_eq!(t["default.tokens"].size(), [5, 4, 4096]);
+    assert_eq!(meta["token_space"], "context");
+}
+
+#[test]
+fn import_tokens_unet_layouts() {
+    let reference = read(&tokens_dir().join("sd15/reference.safetensors"));
+    let (t, meta) = import("sd15", "sd15");
+    assert_eq!(t["default.tokens"].size(), [1, 4, 768]);
+    assert_eq!(
+        max_err(&t["default.tokens"].get(0), &reference["tokens"]),
+        0.0
+    );
+    assert_eq!(max_err(&t["time_table"], &reference["time_table"]), 0.0);
+    assert_eq!(meta["sites"], r#"["down"]"#);
+    let spec: softalign_core::adapter::soft_tokens::SoftTokensSpec =
+        serde_json::from_str(&meta["spec"]).unwrap();
+    assert!(spec.shared_time_row);
+
+    let reference = read(&tokens_dir().join("sdxl/reference.safetensors"));
+    let (t, meta) = import("sdxl", "sdxl");
+    assert_eq!(t["default.tokens"].size(), [2, 4, 2048]);
+    for k in 0..2 {
+        assert_eq!(
+            max_err(&t["default.tokens"].get(k), &reference["tokens"]),
+            0.0
+        );
+    }
+    assert!(!t.contains_key("time_table"));
+    assert_eq!(meta["sites"], r#"["down","mid"]"#);
+    assert_eq!(meta["time_buckets"], "0");
+}
+
+#[test]
+fn import_tokens_refuses_mismatched_backbones_and_reads_strided_storage() {
+    // SD3 tokens are not SD1.5 tokens.
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("x.safetensors");
+    let o = softalign(&[
+        "import-tokens",
+        tokens_dir().join("sd3").to_str().unwrap(),
+        "--backbone",
+        "sd15",
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("768") && err.contains("[5, 4, 1536]"), "{err}");
+    assert!(!file.exists());
+    // A non-contiguous saved view (SDXL-shaped) comes back with its values: strides and the
+    // storage offset are honoured.
+    let reference = read(&tokens_dir().join("strided/reference.safetensors"));
+    let (t, _) = import("strided", "sdxl");
+    assert_eq!(
+        max_err(&t["default.tokens"].get(1), &reference["tokens"]),
+        0.0
+    );
+}
