@@ -3,5 +3,7 @@ pub mod clip;
 pub mod schedulers;
 pub mod sd3;
 pub mod shapes;
+pub mod t5;
 pub mod unet;
+pub mod vae;
 pub mod weights;

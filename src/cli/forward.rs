@@ -16,7 +16,10 @@ use tch::Kind;
 #[derive(clap::Args)]
 pub struct Args {
     /// An SD3 transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
-    /// pipeline folder holding `transformer/`; or a UNet folder / SD1.x-SDXL pipeline folder.
+    /// pipeline folder holding `transformer/`; or a UNet folder / SD1.x-SDXL pipeline folder;
+    /// or a transformers text-encoder folder (CLIP, T5: `input_ids` -> `last_hidden_state`,
+    /// `hidden_states.N`, `pooler_output`, `text_embeds`), or an AutoencoderKL folder
+    /// (`sample` -> `latent_dist.mean`, `latent_dist.std`; `latents` -> `sample`).
     #[arg(long)]
     pub model: PathBuf,
     /// A UNet folder that replaces the model's UNet (a Diffusion-DPO release); UNet models only.
@@ -50,6 +53,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let device = DeviceSpec::parse(&a.device)
         .and_then(|d| d.resolve())
         .context("--device")?;
+    if let Some(text) = super::forward_text::detect(&a.model) {
+        return super::forward_text::run(
+            text,
+            &a.model,
+            &a.inputs,
+            &a.output,
+            device,
+            dtype.kind(),
+        );
+    }
+    if super::forward_vae::detect(&a.model) {
+        return super::forward_vae::run(&a.model, &a.inputs, &a.output, device, dtype.kind());
+    }
     let ctx = BuildContext {
         device,
         recipe_dir: PathBuf::from("."),

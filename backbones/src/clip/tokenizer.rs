@@ -88,6 +88,29 @@ impl ClipTokenizer {
             .map_err(|e| Error::file(path, e))
     }
 
+    /// Loads a tokenizer folder as diffusers ships it: tokenizer.json when present, else the
+    /// `vocab.json` + `merges.txt` pair (the SD 1.5 / SDXL / SD3 `tokenizer*` folders), built
+    /// into the pipeline transformers' `CLIPTokenizer` uses (NFC, whitespace collapse,
+    /// lowercase; CLIP's split regex then byte-level; BPE with `</w>`; BOS ... EOS).
+    pub fn from_folder(dir: impl AsRef<Path>, max_length: usize) -> Result<Self> {
+        let dir = dir.as_ref();
+        let json = dir.join("tokenizer.json");
+        if json.is_file() {
+            return Self::from_file(&json, max_length);
+        }
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if !vocab.is_file() || !merges.is_file() {
+            return Err(Error::file(
+                dir,
+                "holds neither tokenizer.json nor vocab.json + merges.txt",
+            ));
+        }
+        let inner = bpe_from_files(&vocab, &merges)?;
+        let pad = pad_token_of_folder(dir)?;
+        Self::from_tokenizer(inner, max_length, pad.as_deref().unwrap_or(EOS))
+            .map_err(|e| Error::file(dir, e))
+    }
+
     /// Wraps a tokenizer and sets its padding and truncation to `max_length`.
     pub fn from_tokenizer(
         mut inner: Tokenizer,
@@ -283,6 +306,74 @@ impl ClipTokenizer {
         &self.inner
     }
 }
+
+/// CLIP's byte-level BPE from vocab.json + merges.txt, with the normaliser, pre-tokenizer,
+/// post-processor and decoder transformers 5.23's `CLIPTokenizer` builds.
+fn bpe_from_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
+    let text = std::fs::read_to_string(vocab_path).map_err(|e| Error::file(vocab_path, e))?;
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| Error::file(vocab_path, format!("not a JSON object of ids: {e}")))?;
+    let text = std::fs::read_to_string(merges_path).map_err(|e| Error::file(merges_path, e))?;
+    let mut merges = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with("#version") || line.trim().is_empty() {
+            continue;
+        }
+        let parts: Vec<&str> = line.split(' ').collect();
+        if parts.len() != 2 {
+            return Err(Error::file(
+                merges_path,
+                format!(
+                    "line {}: expected two space-separated symbols, got {line:?}",
+                    n + 1
+                ),
+            ));
+        }
+        merges.push(serde_json::json!(parts));
+    }
+    let id = |t: &str| {
+        vocab
+            .get(t)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| Error::file(vocab_path, format!("no `{t}` token")))
+    };
+    let (bos, eos) = (id(BOS)?, id(EOS)?);
+    let special = |id: u64, t: &str| {
+        serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(bos, BOS), special(eos, EOS)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed",
+             "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": true}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [EOS, eos], "cls": [BOS, bos],
+            "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": EOS,
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    let bytes = serde_json::to_vec(&json).expect("json serialises");
+    Tokenizer::from_bytes(bytes)
+        .map_err(|e| Error::file(vocab_path, format!("building the BPE: {e}")))
+}
+
+/// CLIP's word split (transformers' `CLIPTokenizer`).
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 fn check_word(w: &str) -> Result<()> {
     let bad = |why: &str| Err(Error::invalid(format!("vocabulary word {w:?} {why}")));
