@@ -32,6 +32,8 @@ enum Command {
     Recipe(cli::recipe::Command),
     /// Evaluate a recipe's objectives on one fixed batch file and print the terms as JSON.
     Loss(cli::loss::Args),
+    /// Encode a recipe's dataset once (latents + caption conditioning) into its encoding cache.
+    Cache(cli::cache::Args),
     /// Train a recipe's adapters (or, in full mode, the backbone) into a run folder.
     Train(cli::train::Args),
     /// Generate images for prompts: PNG files and a grid.
@@ -53,6 +55,7 @@ fn main() {
         Command::Recipe(c) => cli::recipe::run(c),
         Command::Loss(a) => cli::loss::run(a),
         Command::Train(a) => cli::train::run(a),
+        Command::Cache(a) => cli::cache::run(a),
         Command::Sample(a) => cli::sample::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Demo(a) => cli::demo::run(a),

@@ -599,13 +599,15 @@ fn import_tokens_unet_layouts() {
 
     let reference = read(&tokens_dir().join("sdxl/reference.safetensors"));
     let (t, meta) = import("sdxl", "sdxl");
-    assert_eq!(t["default.tokens"].size(), [2, 4, 2048]);
-    for k in 0..2 {
-        assert_eq!(
-            max_err(&t["default.tokens"].get(k), &reference["tokens"]),
-            0.0
-        );
-    }
+    // One block shared by `down` and `mid`, as the reference.
+    assert_eq!(t["default.tokens"].size(), [1, 4, 2048]);
+    assert_eq!(
+        max_err(&t["default.tokens"].get(0), &reference["tokens"]),
+        0.0
+    );
+    let spec: softalign_core::adapter::soft_tokens::SoftTokensSpec =
+        serde_json::from_str(&meta["spec"]).unwrap();
+    assert!(spec.shared_tokens);
     assert!(!t.contains_key("time_table"));
     assert_eq!(meta["sites"], r#"["down","mid"]"#);
     assert_eq!(meta["time_buckets"], "0");
@@ -633,7 +635,7 @@ fn import_tokens_refuses_mismatched_backbones_and_reads_strided_storage() {
     let reference = read(&tokens_dir().join("strided/reference.safetensors"));
     let (t, _) = import("strided", "sdxl");
     assert_eq!(
-        max_err(&t["default.tokens"].get(1), &reference["tokens"]),
+        max_err(&t["default.tokens"].get(0), &reference["tokens"]),
         0.0
     );
 }

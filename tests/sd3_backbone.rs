@@ -63,6 +63,7 @@ fn tokens(bb: &dyn Backbone, space: TokenSpace) -> Box<dyn Adapter> {
         sites: SiteSelector::One("joint_blocks[0..2]".into()),
         time_buckets: 100,
         shared_time_row: false,
+        shared_tokens: false,
         token_space: space,
         init: Default::default(),
         time_init_std: 0.02,

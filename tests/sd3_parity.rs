@@ -128,6 +128,7 @@ fn token_spec(space: TokenSpace) -> SoftTokensSpec {
         )),
         time_buckets: m["buckets"].as_i64().unwrap(),
         shared_time_row: false,
+        shared_tokens: false,
         token_space: space,
         init: Default::default(),
         time_init_std: 0.02,

@@ -168,6 +168,7 @@ fn tokens(bb: &dyn Backbone) -> Box<dyn Adapter> {
         sites: SiteSelector::One("joint_blocks[0..2]".into()),
         time_buckets: 10,
         shared_time_row: false,
+        shared_tokens: false,
         token_space: TokenSpace::Joint,
         init: Default::default(),
         time_init_std: 0.02,

@@ -189,6 +189,7 @@ fn tokens_adapter(
         sites: SiteSelector::Many(groups),
         time_buckets: if table { 100 } else { 0 },
         shared_time_row: true,
+        shared_tokens: false,
         token_space: TokenSpace::Joint,
         init: Default::default(),
         time_init_std: 0.02,

@@ -3,8 +3,8 @@
 //! adapter, the trainer and logging. It knows no concrete model.
 pub mod adapter;
 pub mod backbone;
-pub mod catalogue;
 pub mod cache;
+pub mod catalogue;
 pub mod dataset;
 pub mod dtype;
 pub mod error;

@@ -203,3 +203,46 @@ fn adapter_files_round_trip_and_refuse_a_misfit() {
         "{err}"
     );
 }
+
+#[test]
+fn shared_tokens_are_one_block_used_at_every_site_and_survive_a_file() {
+    tch::manual_seed(4);
+    let info = mmdit_like(3);
+    let a = spec(
+        "type = \"soft_tokens\"\ntokens = 2\nsites = \"joint_blocks[0..3]\"\nshared_tokens = true\n\
+         time_buckets = 10\nshared_time_row = true",
+    )
+    .build(&info, &ctx())
+    .unwrap();
+    let params: BTreeMap<String, Tensor> = a.trainable().into_iter().collect();
+    assert_eq!(params["default.tokens"].size(), [1, 2, 6]);
+    assert_eq!(params["time_table"].size(), [10, 6]);
+    let t = Tensor::from_slice(&[500.0f32]);
+    let at = |k: usize| {
+        let ct = a
+            .context_tokens(&info.sites[k], &t, 1, &TokenSelection::default())
+            .unwrap()
+            .unwrap();
+        (ct.tokens, ct.offset.unwrap())
+    };
+    let (t0, o0) = at(0);
+    let (t2, o2) = at(2);
+    assert!(t0.equal(&t2) && o0.equal(&o2));
+    // A gradient through two sites reaches the one block twice.
+    (t0.sum(Kind::Float) + t2.sum(Kind::Float)).backward();
+    let g = params["default.tokens"].grad();
+    assert!(g.equal(&Tensor::full([1, 2, 6], 2.0, (Kind::Float, Device::Cpu))));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.safetensors");
+    save_adapter(&path, a.as_ref(), &BTreeMap::new()).unwrap();
+    let b = load_adapter(&path, &info, Device::Cpu).unwrap();
+    let (u0, _) = {
+        let ct = b
+            .context_tokens(&info.sites[1], &t, 1, &TokenSelection::default())
+            .unwrap()
+            .unwrap();
+        (ct.tokens, ())
+    };
+    assert!(u0.equal(&t0));
+}

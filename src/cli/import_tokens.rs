@@ -73,6 +73,7 @@ fn spec(
         sites: SiteSelector::Many(sites),
         time_buckets: buckets,
         shared_time_row: shared,
+        shared_tokens: shared,
         token_space: space,
         init: TokenInit::Zeros,
         time_init_std: 0.0,
@@ -149,7 +150,8 @@ fn plan_unet(
         .iter()
         .map(|g| site(g.clone(), dim, None, Placement::AfterBos))
         .collect();
-    let stacked = tokens.unsqueeze(0).repeat([groups.len() as i64, 1, 1]);
+    // The reference uses one token block in every active group: stored once, shared.
+    let stacked = tokens.unsqueeze(0);
     let buckets = table.as_ref().map_or(0, |t| t.size()[0]);
     Ok(Plan {
         info: BackboneInfo {

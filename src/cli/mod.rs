@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod bench_unet;
 pub mod build;
+pub mod cache;
 pub mod demo;
 pub mod eval;
 pub mod forward;

@@ -119,6 +119,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
         sites: SiteSelector::One(format!("joint_blocks[0..{}]", cfg.token_blocks)),
         time_buckets: 100,
         shared_time_row: false,
+        shared_tokens: false,
         token_space: TokenSpace::Joint,
         init: Default::default(),
         time_init_std: 0.02,

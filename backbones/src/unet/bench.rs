@@ -97,6 +97,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
         sites: SiteSelector::Many(cfg.sites.clone()),
         time_buckets: 0,
         shared_time_row: true,
+        shared_tokens: false,
         token_space: TokenSpace::Joint,
         init: Default::default(),
         time_init_std: 0.02,

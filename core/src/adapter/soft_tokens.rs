@@ -83,6 +83,10 @@ pub struct SoftTokensSpec {
     /// One time-table row shared by every site (the UNet reference) instead of one chunk per site.
     #[serde(default)]
     pub shared_time_row: bool,
+    /// One block of tokens used at every selected site (the UNet reference: the same
+    /// (n, D) tokens in every cross-attention of the active groups) instead of one per site.
+    #[serde(default)]
+    pub shared_tokens: bool,
     #[serde(default)]
     pub token_space: TokenSpace,
     #[serde(default)]
@@ -143,8 +147,20 @@ pub struct Layout {
     pub space: TokenSpace,
     pub buckets: i64,
     pub shared_time_row: bool,
+    pub shared_tokens: bool,
     pub sets: Vec<String>,
     pub ema: bool,
+}
+
+impl Layout {
+    /// Token blocks stored: one per site, or one for all.
+    pub fn token_blocks(&self) -> i64 {
+        if self.shared_tokens {
+            1
+        } else {
+            self.sites.len() as i64
+        }
+    }
 }
 
 impl SoftTokensSpec {
@@ -227,6 +243,7 @@ impl SoftTokensSpec {
             space: self.token_space,
             buckets: self.time_buckets,
             shared_time_row: self.shared_time_row,
+            shared_tokens: self.shared_tokens,
             sets: self.sets.clone(),
             ema: self.ema,
         })
@@ -245,7 +262,7 @@ pub struct SoftTokens {
 impl SoftTokens {
     fn init(spec: &SoftTokensSpec, layout: Layout, ctx: &BuildContext) -> Result<Self> {
         let dev = ctx.device;
-        let shape = [layout.sites.len() as i64, layout.tokens, layout.token_dim];
+        let shape = [layout.token_blocks(), layout.tokens, layout.token_dim];
         let draw = || -> Result<Tensor> {
             Ok(match &spec.init {
                 TokenInit::Normal { std } => Tensor::randn(shape, (Kind::Float, dev)) * *std,
@@ -445,6 +462,7 @@ impl Adapter for SoftTokens {
             sites: SiteSelector::Many(sites.iter().map(|s| s.to_string()).collect()),
             time_buckets: l.buckets,
             shared_time_row: l.shared_time_row,
+            shared_tokens: l.shared_tokens,
             token_space: l.space,
             init: TokenInit::Zeros,
             time_init_std: 0.0,
@@ -496,8 +514,9 @@ impl Adapter for SoftTokens {
                 self.layout.sets.join(", ")
             )));
         };
+        let block = if self.layout.shared_tokens { 0 } else { k };
         let tokens = all
-            .get(k as i64)
+            .get(block as i64)
             .unsqueeze(0)
             .expand([batch, self.layout.tokens, self.layout.token_dim], false);
         let offset = match &self.time_table {

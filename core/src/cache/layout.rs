@@ -119,7 +119,10 @@ impl Manifest {
         if end != m.record_bytes {
             return Err(Error::file(
                 &p,
-                format!("fields add up to {end} bytes, record_bytes says {}", m.record_bytes),
+                format!(
+                    "fields add up to {end} bytes, record_bytes says {}",
+                    m.record_bytes
+                ),
             ));
         }
         Ok(m)

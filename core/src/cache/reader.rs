@@ -62,7 +62,10 @@ impl EncodedCache {
             .filter(|&i| records[i * manifest.record_bytes + vf.offset] == 1)
             .collect();
         if valid.is_empty() {
-            return Err(Error::file(dir, "the encoding cache holds no readable sample"));
+            return Err(Error::file(
+                dir,
+                "the encoding cache holds no readable sample",
+            ));
         }
         let empty = MappedSafetensors::open(dir.join(EMPTY))?.all()?;
         if !(0.0..1.0).contains(&caption_dropout) {
@@ -168,7 +171,7 @@ impl Dataset for EncodedCache {
         if !stds.is_empty() {
             let std = Tensor::stack(&stds, 0);
             let noise = Tensor::randn(x0.size(), (Kind::Float, Device::Cpu));
-            x0 = x0 + std * noise;
+            x0 += std * noise;
         }
         let cond = Conditioning(
             cond.into_iter()

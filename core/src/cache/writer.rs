@@ -12,8 +12,8 @@ use tch::{Kind, Tensor};
 
 use super::layout::*;
 use crate::backbone::Backbone;
-use crate::logging::progress::Progress;
 use crate::dataset::captioned::CaptionedImages;
+use crate::logging::progress::Progress;
 use crate::tensors::save_safetensors;
 use crate::{Error, Result};
 
@@ -44,7 +44,10 @@ pub struct CacheSummary {
 pub fn source_digest(data: &CaptionedImages) -> String {
     let mut h = Sha256::new();
     for e in data.entries() {
-        let name = e.image.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = e
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
         h.update(name.unwrap_or_default().as_bytes());
         h.update([0]);
         for c in &e.captions {
@@ -110,7 +113,10 @@ fn stale_reasons(have: &Manifest, want: &Manifest) -> Vec<String> {
 
 /// Tensor bytes in the stored dtype, row-major.
 fn bytes_of(t: &Tensor, dtype: StoredDType) -> Result<Vec<u8>> {
-    let t = t.to_device(tch::Device::Cpu).to_kind(dtype.kind()).contiguous();
+    let t = t
+        .to_device(tch::Device::Cpu)
+        .to_kind(dtype.kind())
+        .contiguous();
     let numel = t.numel();
     let mut out = vec![0u8; numel * dtype.size()];
     if numel > 0 {
@@ -156,7 +162,10 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
         .map_err(|e| Error::file(&records_path, e))?;
     // A chunk appended but not counted (the run died between the write and the progress file)
     // is dropped and redone.
-    let keep = manifest.as_ref().map(|m| m.record_bytes * done).unwrap_or(0);
+    let keep = manifest
+        .as_ref()
+        .map(|m| m.record_bytes * done)
+        .unwrap_or(0);
     file.set_len(keep as u64)
         .map_err(|e| Error::file(&records_path, e))?;
     if !dir.join(EMPTY).exists() {

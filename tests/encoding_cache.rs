@@ -1,0 +1,171 @@
+//! `softalign cache` on an image manifest through the shapes model's encoders, then training
+//! from the cache: records hold what the encoders produce, an interrupted cache resumes to the
+//! same bytes, other settings are refused, and training reads it.
+use std::path::Path;
+use std::process::{Command, Output};
+
+use softalign_backbones::sd3::{FlowMatch, TimestepSampling};
+use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
+use softalign_core::backbone::Backbone;
+use softalign_core::cache::EncodedCache;
+use softalign_core::dataset::captioned::preprocess;
+use softalign_core::dtype::DType;
+use tch::Device;
+
+const RECIPE: &str = r#"
+name = "cache-smoke"
+seed = 2
+
+[backbone]
+type = "shapes"
+preset = "tiny"
+
+[[adapter]]
+type = "soft_tokens"
+tokens = 2
+sites = "joint_blocks[0..2]"
+token_space = "joint"
+
+[[objective]]
+type = "softrepa_contrastive"
+weight = 1.0
+
+[data]
+type = "encoded_cache"
+path = "cache"
+captions_per_sample = 3
+dtype = "f32"
+source = { type = "image_manifest", path = "data/train.jsonl", resolution = 32 }
+
+[train]
+steps = 3
+images_per_step = 4
+lr = 1e-2
+"#;
+
+fn softalign(args: &[&str], recipe: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(args)
+        .arg("--recipe")
+        .arg(recipe)
+        .output()
+        .unwrap()
+}
+
+/// Six world images (captions from the world) and a corrupt one in the middle.
+fn manifest(dir: &Path) -> Vec<softalign_worlds::shapes::TrainExample> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let examples = softalign_worlds::shapes::train_split(6, 0);
+    let mut lines = Vec::new();
+    for (i, ex) in examples.iter().enumerate() {
+        if i == 3 {
+            std::fs::write(data.join("broken.png"), b"\x89PNG truncated").unwrap();
+            lines.push(r#"{"image": "broken.png", "caption": "a red circle"}"#.to_string());
+        }
+        let name = format!("{i}.png");
+        ex.image.save(data.join(&name)).unwrap();
+        let captions = serde_json::to_string(&ex.captions).unwrap();
+        lines.push(format!(r#"{{"image": "{name}", "captions": {captions}}}"#));
+    }
+    std::fs::write(data.join("train.jsonl"), lines.join("\n")).unwrap();
+    examples
+}
+
+#[test]
+fn cache_resume_refuse_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = manifest(dir.path());
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, RECIPE).unwrap();
+
+    // Training before caching says what to run.
+    let out = softalign(&["train", "--quiet"], &recipe);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("softalign cache"), "{stderr}");
+
+    let out = softalign(&["cache", "--quiet", "--batch", "3"], &recipe);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("broken.png"), "{stderr}");
+    assert!(stderr.contains("1 unreadable"), "{stderr}");
+    let cache_dir = dir.path().join("cache");
+    let records = std::fs::read(cache_dir.join("records.bin")).unwrap();
+
+    // What the records hold: the images' pixels and every caption's ids, as the backbone
+    // encodes them.
+    let cache = EncodedCache::open(&cache_dir, 0.0).unwrap();
+    assert_eq!(cache.manifest().samples, 7);
+    assert_eq!(records.len(), 7 * cache.manifest().record_bytes);
+    use softalign_core::dataset::Dataset;
+    assert_eq!(cache.len(), 6, "the broken image is not drawn");
+    let noise = FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap();
+    let model = ShapesBackbone::random(
+        &ShapesConfig::tiny().unwrap(),
+        Device::Cpu,
+        DType::F32,
+        noise,
+    )
+    .unwrap();
+    for (record, ex) in [(0, &examples[0]), (4, &examples[3])] {
+        let want = preprocess::to_tensor(&ex.image);
+        let got = cache.tensor(record, "x0.mean").unwrap();
+        assert!(got.equal(&want), "record {record}: pixels differ");
+        let ids = model.encode_prompts(&ex.captions[..3]).unwrap();
+        let want = ids.get("input_ids").unwrap();
+        let got = cache.tensor(record, "cond.input_ids").unwrap();
+        assert!(got.equal(want), "record {record}: caption ids differ");
+    }
+    assert_eq!(
+        cache.tensor(3, "valid").unwrap().int64_value(&[0]),
+        0,
+        "the broken image's slot is marked"
+    );
+    drop(cache);
+
+    // An interrupted run: progress at 3 records and a torn half chunk after them.
+    std::fs::write(cache_dir.join("progress.json"), r#"{"records": 3}"#).unwrap();
+    let mut torn = records[..3 * (records.len() / 7)].to_vec();
+    torn.extend_from_slice(&[7u8; 100]);
+    std::fs::write(cache_dir.join("records.bin"), &torn).unwrap();
+    let out = softalign(&["cache", "--quiet", "--batch", "2"], &recipe);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed at 3"), "{stderr}");
+    assert_eq!(
+        std::fs::read(cache_dir.join("records.bin")).unwrap(),
+        records,
+        "resumed cache differs from the straight one"
+    );
+
+    // Other settings are refused, by `cache` and by `train`.
+    let out = softalign(
+        &["cache", "--quiet", "--set", "data.captions_per_sample=2"],
+        &recipe,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("captions_per_sample 3 vs 2"), "{stderr}");
+    let out = softalign(
+        &["train", "--quiet", "--set", "data.source.resolution=16"],
+        &recipe,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("stale encoding cache"), "{stderr}");
+
+    // Training reads it.
+    let run = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["train", "--quiet", "--recipe"])
+        .arg(&recipe)
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+}
