@@ -1,4 +1,6 @@
 //! The demo's comparison table and report.md, from summaries of known results.
+#[path = "../src/cli/paired.rs"]
+mod paired;
 #[path = "../src/cli/report.rs"]
 mod report;
 
@@ -136,6 +138,13 @@ fn report_holds_table_settings_timings_and_grids() {
             "Left: base; right: +AGSM".into(),
         )],
         grid_prompts: &["a photo of a circle".into()],
+        paired: &[(
+            "+AGSM".into(),
+            paired::paired(
+                &results(&[(Tag::TwoObject, 2, 4)]),
+                &results(&[(Tag::TwoObject, 3, 4)]),
+            ),
+        )],
     });
     for needle in [
         "## What was measured",
@@ -144,7 +153,26 @@ fn report_holds_table_settings_timings_and_grids() {
         "| eval base | 12.3 |",
         "![Left: base; right: +AGSM](grid-base-vs-agsm.png)",
         "1. a photo of a circle",
+        "| two_object | 4 | 1 | 0 | 1.000 |",
     ] {
         assert!(md.contains(needle), "missing {needle:?} in\n{md}");
     }
+}
+
+#[test]
+fn paired_counts_fixed_and_broken_images_per_category() {
+    // Image i of a prompt is correct when i < k: 2 of 4 before, 3 of 4 after (one fixed);
+    // counting 3 of 3 before, 0 of 3 after (three broken).
+    let before = results(&[(Tag::TwoObject, 2, 4), (Tag::Counting, 3, 3)]);
+    let after = results(&[(Tag::TwoObject, 3, 4), (Tag::Counting, 0, 3)]);
+    let rows = paired::paired(&before, &after);
+    let row = |t: Option<Tag>| rows.iter().find(|r| r.tag == t).unwrap().clone();
+    let two = row(Some(Tag::TwoObject));
+    assert_eq!((two.pairs, two.gained, two.lost), (4, 1, 0));
+    let counting = row(Some(Tag::Counting));
+    assert_eq!((counting.pairs, counting.gained, counting.lost), (3, 0, 3));
+    assert!((counting.p_value - 0.25).abs() < 1e-12);
+    let all = rows.last().unwrap();
+    assert_eq!((all.tag, all.pairs, all.gained, all.lost), (None, 7, 1, 3));
+    assert!((all.p_value - 0.625).abs() < 1e-12);
 }

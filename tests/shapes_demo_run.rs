@@ -88,6 +88,10 @@ fn demo_trains_evaluates_and_reports() {
         let c = format!("{:.1}% [", 100.0 * s.overall);
         assert!(overall.contains(&c), "{overall} lacks {c}");
     }
+    assert!(
+        stdout.contains("+SoftREPA: ") && stdout.contains(" of 12 images, p = "),
+        "{stdout}"
+    );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
         "## Results",
@@ -97,6 +101,9 @@ fn demo_trains_evaluates_and_reports() {
         "| train SoftREPA (2 steps) |",
         "| total |",
         "grid-base-vs-agsm.png",
+        "## Paired against the base",
+        "| +AGSM vs base | images |",
+        "| **all** | 12 |",
     ] {
         assert!(
             report.contains(needle),

@@ -7,12 +7,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use image::RgbImage;
-use softalign_worlds::geneval::{prompt_dir, EvalPrompt, Summary, Tag};
+use softalign_worlds::geneval::{prompt_dir, EvalPrompt, ImageResult, Summary, Tag};
 
 use super::eval::{evaluate, PromptSet};
 use super::generate::GenSettings;
 use super::grid::{grid, save_png};
 use super::model::{Model, ModelArgs};
+use super::paired::{paired, PairedRow};
 use super::report::{report_markdown, text_table, Column, ReportInput};
 use super::train::{train_recipe, Args as TrainArgs};
 
@@ -33,10 +34,9 @@ pub struct Args {
     /// The AGSM recipe.
     #[arg(long, default_value = "recipes/shapes/agsm.toml")]
     pub agsm: PathBuf,
-    /// Optimizer steps per recipe. The default keeps the whole demo near 10 minutes on a
-    /// 2-core CPU (the recipes' own 150 steps would take about that long per recipe there).
-    #[arg(long, default_value_t = 60)]
-    pub train_steps: u64,
+    /// Optimizer steps per recipe (default: each recipe's own `train.steps`).
+    #[arg(long)]
+    pub train_steps: Option<u64>,
     /// Instead of --train-steps: train each recipe for about this long (its step time is
     /// measured on a few steps first).
     #[arg(long)]
@@ -46,9 +46,9 @@ pub struct Args {
     pub set: Vec<String>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
-    /// Images per evaluation prompt (1 keeps the demo within 10 minutes on a shared 2-core
-    /// CPU; 2 took 12 minutes there).
-    #[arg(long, default_value_t = 1)]
+    /// Images per evaluation prompt (4: the demo, cold release build included, stays within
+    /// 10 minutes on a 2-core CPU; more images narrow the intervals).
+    #[arg(long, default_value_t = 4)]
     pub n: usize,
     /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
     #[arg(long)]
@@ -76,6 +76,7 @@ pub struct Args {
 struct Evaluated {
     name: String,
     dir: PathBuf,
+    results: Vec<ImageResult>,
     summary: Summary,
 }
 
@@ -134,7 +135,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         let steps = match a.minutes_per_recipe {
             Some(m) => probe_steps(&a, &recipe, &base, &out.join(format!("probe-{slug}")), m)?,
-            None => a.train_steps,
+            None => match a.train_steps {
+                Some(n) => n,
+                None => {
+                    softalign_core::recipe::load(&recipe, &a.set)?
+                        .recipe
+                        .train
+                        .steps
+                }
+            },
         };
         let run_dir = out.join(format!("train-{slug}"));
         eprintln!(
@@ -200,12 +209,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let table = text_table(&cols);
+    let paired_rows: Vec<(String, Vec<PairedRow>)> = evaluated[1..]
+        .iter()
+        .map(|e| (e.name.clone(), paired(&evaluated[0].results, &e.results)))
+        .collect();
     let settings = settings(&a, &gen, &base, &prompts, &train_steps);
     let report = report_markdown(&ReportInput {
         cols: &cols,
         settings: &settings,
         timings: &timings,
         grids: &grids,
+        paired: &paired_rows,
         grid_prompts: &grid_rows
             .iter()
             .map(|&p| prompts[p].prompt.clone())
@@ -215,6 +229,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::write(out.join("table.txt"), &table)?;
     println!("\nHeld-out GenEval-style accuracy, shapes world (Wilson 95% CI over images)\n");
     print!("{table}");
+    println!("\nPaired against the base (same prompts and noise): images fixed / broken, exact McNemar p");
+    for (name, rows) in &paired_rows {
+        let all = rows.last().expect("an overall row");
+        println!(
+            "  {name}: {} fixed, {} broken of {} images, p = {:.3}",
+            all.gained, all.lost, all.pairs, all.p_value
+        );
+    }
     println!(
         "\nwall time {:.1} s; report: {}",
         start.elapsed().as_secs_f64(),
@@ -251,7 +273,7 @@ fn eval_one(
         &format!("eval {name}"),
         a.quiet,
     )?;
-    let (_, summary) = ev.scored.context("the evaluation was not scored")?;
+    let (results, summary) = ev.scored.context("the evaluation was not scored")?;
     eprintln!(
         "{name}: overall {:.1}% over {} images ({:.1} s)",
         100.0 * summary.overall,
@@ -265,6 +287,7 @@ fn eval_one(
     Ok(Evaluated {
         name: name.to_string(),
         dir,
+        results,
         summary,
     })
 }

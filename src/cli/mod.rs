@@ -15,6 +15,7 @@ pub mod import_tokens;
 pub mod list;
 pub mod loss;
 pub mod model;
+pub mod paired;
 pub mod progress;
 pub mod recipe;
 pub mod report;

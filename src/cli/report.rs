@@ -135,6 +135,8 @@ pub struct ReportInput<'a> {
     pub grids: &'a [(String, String)],
     /// Prompts shown in the grids' rows, top to bottom.
     pub grid_prompts: &'a [String],
+    /// Per compared model: the paired rows against the base.
+    pub paired: &'a [(String, Vec<super::paired::PairedRow>)],
 }
 
 pub fn report_markdown(r: &ReportInput<'_>) -> String {
@@ -147,9 +149,18 @@ pub fn report_markdown(r: &ReportInput<'_>) -> String {
           correct; the interval is Wilson's 95% score interval over images. Images of one \
           prompt are not independent, so the intervals are somewhat too narrow; the overall \
           score is the mean of the category accuracies (GenEval's), with a normal interval. \
-          Differences whose intervals overlap are not evidence of an effect.\n\n";
+          Overlapping intervals alone do not rule an effect out: because every model starts \
+          from the same noise, the paired comparison below counts the images a model fixed \
+          and broke relative to the base, with the exact McNemar test (two-sided).\n\n";
     s += "## Results\n\n";
     s += &markdown_table(r.cols);
+    if !r.paired.is_empty() {
+        s += "\n## Paired against the base\n\n";
+        for (name, rows) in r.paired {
+            s += &super::paired::markdown(name, rows);
+            s += "\n";
+        }
+    }
     s += "\n## Settings\n\n";
     for (k, v) in r.settings {
         s += &format!("- {k}: {v}\n");
