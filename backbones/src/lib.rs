@@ -1,4 +1,5 @@
 //! Concrete denoisers with diffusers weight names, their noise processes and samplers.
+pub mod bench;
 pub mod clip;
 pub mod schedulers;
 pub mod sd3;

@@ -1,6 +1,7 @@
 //! `softalign bench`: MMDiT (or, with `--backbone unet`, UNet) forward and forward+backward
 //! timings, with and without soft tokens.
 use anyhow::Context;
+use softalign_backbones::bench::BenchRow;
 use softalign_backbones::sd3::bench::{run as run_bench, BenchConfig};
 use softalign_backbones::sd3::Sd3Config;
 use softalign_core::dtype::{DType, DeviceSpec};
@@ -89,20 +90,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg.tokens,
         cfg.token_blocks
     );
+    print_header();
+    let rows = run_bench(&cfg, print_row)?;
+    print_overheads(&rows, cfg.device);
+    Ok(())
+}
+
+/// The table's header line (every backbone's bench prints the same table).
+pub fn print_header() {
     println!(
         "{:<24} {:>12} {:>10} {:>16}",
         "case", "ms/step", "pairs/s", "host peak MiB"
     );
-    let rows = run_bench(&cfg, |r| {
-        println!(
-            "{:<24} {:>12.1} {:>10.2} {:>16}",
-            r.case,
-            r.ms_per_step,
-            r.pairs_per_s,
-            r.host_peak_mib
-                .map_or("n/a".to_string(), |m| format!("{m:.0}"))
-        );
-    })?;
+}
+
+pub fn print_row(r: &BenchRow) {
+    println!(
+        "{:<24} {:>12.1} {:>10.2} {:>16}",
+        r.case,
+        r.ms_per_step,
+        r.pairs_per_s,
+        r.host_peak_mib
+            .map_or("n/a".to_string(), |m| format!("{m:.0}"))
+    );
+}
+
+/// Soft tokens' cost relative to the bare model, forward and forward+backward.
+pub fn print_overheads(rows: &[BenchRow], device: tch::Device) {
     let ms = |name: &str| rows.iter().find(|r| r.case == name).map(|r| r.ms_per_step);
     if let (Some(a), Some(b)) = (ms("forward"), ms("forward + soft tokens")) {
         println!(
@@ -116,8 +130,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             (b / a - 1.0) * 100.0
         );
     }
-    if matches!(cfg.device, tch::Device::Cuda(_)) {
+    if matches!(device, tch::Device::Cuda(_)) {
         println!("(GPU memory: tch exposes no CUDA allocator statistics; host peak shown)");
     }
-    Ok(())
 }

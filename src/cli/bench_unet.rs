@@ -5,7 +5,7 @@ use softalign_backbones::unet::bench::{run as run_bench, BenchConfig};
 use softalign_backbones::unet::UNetConfig;
 use softalign_core::dtype::{DType, DeviceSpec};
 
-use super::bench::Args;
+use super::bench::{print_header, print_overheads, print_row, Args};
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = BenchConfig::small_cpu();
@@ -40,32 +40,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         cfg.tokens,
         cfg.sites.join("+")
     );
-    println!(
-        "{:<24} {:>12} {:>10} {:>16}",
-        "case", "ms/step", "pairs/s", "host peak MiB"
-    );
-    let rows = run_bench(&cfg, |r| {
-        println!(
-            "{:<24} {:>12.1} {:>10.2} {:>16}",
-            r.case,
-            r.ms_per_step,
-            r.pairs_per_s,
-            r.host_peak_mib
-                .map_or("n/a".to_string(), |m| format!("{m:.0}"))
-        );
-    })?;
-    let ms = |name: &str| rows.iter().find(|r| r.case == name).map(|r| r.ms_per_step);
-    if let (Some(a), Some(b)) = (ms("forward"), ms("forward + soft tokens")) {
-        println!(
-            "soft-token overhead, forward: {:+.1}%",
-            (b / a - 1.0) * 100.0
-        );
-    }
-    if let (Some(a), Some(b)) = (ms("fwd+bwd (to input)"), ms("fwd+bwd + soft tokens")) {
-        println!(
-            "soft-token overhead, fwd+bwd: {:+.1}%",
-            (b / a - 1.0) * 100.0
-        );
-    }
+    print_header();
+    let rows = run_bench(&cfg, print_row)?;
+    print_overheads(&rows, cfg.device);
     Ok(())
 }

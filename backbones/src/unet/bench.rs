@@ -1,19 +1,17 @@
 //! Timing of the UNet forward and forward+backward, with and without soft tokens.
-use std::time::Instant;
 
 use softalign_core::adapter::soft_tokens::SoftTokensSpec;
-use softalign_core::adapter::{Adapter, Injection, TokenSelection};
 use softalign_core::backbone::{Backbone, Conditioning, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{AdapterSpec, BuildContext};
-use softalign_core::site::{SiteHook, SiteSelector, TokenSpace};
+use softalign_core::site::{SiteSelector, TokenSpace};
 use softalign_core::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{PerBlock, UNetConfig};
 use super::spec::{UNetBackbone, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS};
+use crate::bench::{time_cases, BenchInputs, BenchRow};
 use crate::schedulers::ddpm::{BetaConfig, DdpmNoise};
-use crate::sd3::bench::{host_peak_mib, BenchRow};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -53,12 +51,6 @@ impl BenchConfig {
             tokens: 4,
             sites: vec!["down".into()],
         }
-    }
-}
-
-fn sync(d: Device) {
-    if let Device::Cuda(i) = d {
-        tch::Cuda::synchronize(i as i64);
     }
 }
 
@@ -111,67 +103,14 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
         recipe_dir: ".".into(),
         dtype_override: None,
     };
-    let adapters: Vec<Box<dyn Adapter>> = vec![spec.build(bb.info(), &ctx)?];
-    let inj = Injection {
-        adapters: &adapters,
-        selection: TokenSelection::default(),
+    let inputs = BenchInputs {
+        backbone: &bb,
+        x,
+        t,
+        cond,
+        adapter: spec.build(bb.info(), &ctx)?,
+        warmup: cfg.warmup,
+        iters: cfg.iters,
     };
-    let cases = [
-        ("forward", false, false),
-        ("forward + soft tokens", true, false),
-        ("fwd+bwd (to input)", false, true),
-        ("fwd+bwd + soft tokens", true, true),
-    ];
-    let step = |with_tokens: bool, backward: bool| -> Result<()> {
-        let hook = with_tokens.then_some(&inj as &dyn SiteHook);
-        if backward {
-            // Without tokens the gradient goes to the input, so the backward pass is complete.
-            let xi = if with_tokens {
-                x.shallow_clone()
-            } else {
-                x.detach().set_requires_grad(true)
-            };
-            let out = bb.forward(&xi, &t, &cond, hook)?;
-            out.to_kind(Kind::Float)
-                .square()
-                .mean(Kind::Float)
-                .backward();
-        } else {
-            let _guard = tch::no_grad_guard();
-            let _out = bb.forward(&x, &t, &cond, hook)?;
-        }
-        Ok(())
-    };
-    for &(_, tok, bwd) in &cases {
-        for _ in 0..cfg.warmup {
-            step(tok, bwd)?;
-        }
-    }
-    // Round-robin over the cases so that load from other processes hits them alike; the
-    // median of each case's times is reported.
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    for _ in 0..cfg.iters {
-        for (k, &(_, tok, bwd)) in cases.iter().enumerate() {
-            sync(dev);
-            let start = Instant::now();
-            step(tok, bwd)?;
-            sync(dev);
-            times[k].push(start.elapsed().as_secs_f64());
-        }
-    }
-    let mut rows = Vec::new();
-    for (k, &(case, _, _)) in cases.iter().enumerate() {
-        let v = &mut times[k];
-        v.sort_by(f64::total_cmp);
-        let secs = v[v.len() / 2];
-        let row = BenchRow {
-            case: case.into(),
-            ms_per_step: secs * 1000.0,
-            pairs_per_s: cfg.batch as f64 / secs,
-            host_peak_mib: host_peak_mib(),
-        };
-        report(&row);
-        rows.push(row);
-    }
-    Ok(rows)
+    time_cases(&inputs, &mut report)
 }

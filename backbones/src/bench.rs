@@ -1,0 +1,111 @@
+//! The timing harness every backbone's bench shares: forward and forward+backward, with and
+//! without an adapter, round-robin over the cases, median per case.
+use std::time::Instant;
+
+use softalign_core::adapter::{Adapter, Injection, TokenSelection};
+use softalign_core::backbone::{Backbone, Conditioning};
+use softalign_core::site::SiteHook;
+use softalign_core::Result;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct BenchRow {
+    pub case: String,
+    pub ms_per_step: f64,
+    pub pairs_per_s: f64,
+    /// Process peak resident memory (VmHWM) when the report is made, MiB: the high-water mark
+    /// of the whole run, not of one case.
+    pub host_peak_mib: Option<f64>,
+}
+
+/// VmHWM of this process in MiB (Linux).
+pub fn host_peak_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// One denoiser step's inputs and the adapter timed against the bare model.
+pub struct BenchInputs<'a> {
+    pub backbone: &'a dyn Backbone,
+    pub x: Tensor,
+    pub t: Tensor,
+    pub cond: Conditioning,
+    pub adapter: Box<dyn Adapter>,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+pub fn time_cases(b: &BenchInputs<'_>, mut report: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+    let inj = Injection {
+        adapters: std::slice::from_ref(&b.adapter),
+        selection: TokenSelection::default(),
+    };
+    let cases = [
+        ("forward", false, false),
+        ("forward + soft tokens", true, false),
+        ("fwd+bwd (to input)", false, true),
+        ("fwd+bwd + soft tokens", true, true),
+    ];
+    let step = |with_tokens: bool, backward: bool| -> Result<()> {
+        let hook = with_tokens.then_some(&inj as &dyn SiteHook);
+        if backward {
+            // Without tokens the gradient goes to the input, so the backward pass is complete.
+            let xi = if with_tokens {
+                b.x.shallow_clone()
+            } else {
+                b.x.detach().set_requires_grad(true)
+            };
+            let out = b.backbone.forward(&xi, &b.t, &b.cond, hook)?;
+            out.to_kind(Kind::Float)
+                .square()
+                .mean(Kind::Float)
+                .backward();
+        } else {
+            let _guard = tch::no_grad_guard();
+            let _out = b.backbone.forward(&b.x, &b.t, &b.cond, hook)?;
+        }
+        Ok(())
+    };
+    for &(_, tok, bwd) in &cases {
+        for _ in 0..b.warmup {
+            step(tok, bwd)?;
+        }
+    }
+    // Round-robin over the cases so that load from other processes hits them alike; the
+    // median of each case's times is reported.
+    let dev = b.x.device();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..b.iters {
+        for (k, &(_, tok, bwd)) in cases.iter().enumerate() {
+            sync(dev);
+            let start = Instant::now();
+            step(tok, bwd)?;
+            sync(dev);
+            times[k].push(start.elapsed().as_secs_f64());
+        }
+    }
+    let batch = b.x.size()[0] as f64;
+    let mut rows = Vec::new();
+    for (k, &(case, _, _)) in cases.iter().enumerate() {
+        let v = &mut times[k];
+        v.sort_by(f64::total_cmp);
+        let secs = v[v.len() / 2];
+        let row = BenchRow {
+            case: case.into(),
+            ms_per_step: secs * 1000.0,
+            pairs_per_s: batch / secs,
+            host_peak_mib: host_peak_mib(),
+        };
+        report(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}
