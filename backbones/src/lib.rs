@@ -1,5 +1,6 @@
 //! Concrete denoisers with diffusers weight names, their noise processes and samplers.
 pub mod clip;
+pub mod pipeline;
 pub mod schedulers;
 pub mod sd3;
 pub mod shapes;
