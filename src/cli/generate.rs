@@ -6,9 +6,9 @@ use anyhow::{bail, Context};
 use image::RgbImage;
 use softalign_backbones::schedulers::ddim::DdimSpec;
 use softalign_backbones::schedulers::flow_match_euler::FlowMatchEulerSpec;
-use softalign_core::sampler::Sampler;
 use softalign_core::backbone::Prediction;
 use softalign_core::plugin::SamplerSpec;
+use softalign_core::sampler::Sampler;
 use softalign_core::sampler::{Guidance, SampleRequest};
 use softalign_core::train::seed::micro_seed;
 use tch::{Device, Kind, Tensor};
@@ -165,9 +165,7 @@ pub fn generate(
     let r = resolve(s, bb.info().prediction, model.scheduler_config.as_ref())?;
     let sampler = r.sampler;
     let dev = bb.device();
-    let null = bb
-        .null_conditioning()
-        .context("encoding the null prompt")?;
+    let null = bb.null_conditioning().context("encoding the null prompt")?;
     let per_batch = (s.batch / s.n).max(1);
     for (chunk_no, chunk) in prompts.chunks(per_batch).enumerate() {
         let first = chunk_no * per_batch;

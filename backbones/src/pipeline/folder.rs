@@ -97,7 +97,8 @@ fn safetensors_digest(path: &Path) -> Result<serde_json::Value> {
         return Err(Error::file(path, "not a safetensors file (header length)"));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| Error::file(path, e))?;
+    f.read_exact(&mut header)
+        .map_err(|e| Error::file(path, e))?;
     Ok(serde_json::json!({
         "file": path.file_name().map(|s| s.to_string_lossy().to_string()),
         "header_sha256": format!("{:x}", Sha256::digest(&header)),

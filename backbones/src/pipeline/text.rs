@@ -39,7 +39,9 @@ impl ClipBranch {
     }
 
     fn run(&self, prompts: &[&str]) -> Result<crate::clip::TextEncoderOutput> {
-        let (ids, mask) = self.tokenizer.encode_batch(prompts, self.encoder.device())?;
+        let (ids, mask) = self
+            .tokenizer
+            .encode_batch(prompts, self.encoder.device())?;
         if self.use_attention_mask {
             self.encoder.encode_masked(&ids, Some(&mask))
         } else {
@@ -56,7 +58,7 @@ pub struct T5Branch {
 /// The text side of a pipeline.
 pub enum TextConditioner {
     /// SD 1.x / 2.x: `text_encoder(ids)[0]`, the last hidden state, as `encoder_hidden_states`.
-    Sd15 { clip: ClipBranch },
+    Sd15 { clip: Box<ClipBranch> },
     /// SDXL (and its refiner, which has only the second tower): the towers' penultimate hidden
     /// states concatenated on the feature axis; `text_embeds` = the projected pooled output of
     /// the last tower with a projection.
@@ -65,9 +67,9 @@ pub enum TextConditioner {
     /// T5's last hidden state appended on the sequence axis (zeros of `t5_length` x
     /// `joint_attention_dim` without `text_encoder_3`); pooled = both projected pooled outputs.
     Sd3 {
-        clip_l: ClipBranch,
-        clip_g: ClipBranch,
-        t5: Option<T5Branch>,
+        clip_l: Box<ClipBranch>,
+        clip_g: Box<ClipBranch>,
+        t5: Option<Box<T5Branch>>,
         t5_length: usize,
         joint_attention_dim: i64,
     },
@@ -85,12 +87,12 @@ pub fn t5_kind(kind: Kind, device: Device) -> Kind {
 
 impl TextConditioner {
     pub fn load_sd15(f: &PipelineFolder, device: Device, kind: Kind) -> Result<Self> {
-        let clip = ClipBranch::load(
+        let clip = Box::new(ClipBranch::load(
             &f.require("text_encoder")?,
             &f.require("tokenizer")?,
             device,
             kind,
-        )?;
+        )?);
         Ok(Self::Sd15 { clip })
     }
 
@@ -128,15 +130,15 @@ impl TextConditioner {
             kind,
         )?;
         let t5 = match (f.component("text_encoder_3"), f.component("tokenizer_3")) {
-            (Some(te), Some(tok)) => Some(T5Branch {
+            (Some(te), Some(tok)) => Some(Box::new(T5Branch {
                 tokenizer: T5Tokenizer::from_file(&tok, t5_length)?,
                 encoder: T5Encoder::load(&te, device, t5_kind(kind, device))?,
-            }),
+            })),
             _ => None,
         };
         Ok(Self::Sd3 {
-            clip_l,
-            clip_g,
+            clip_l: Box::new(clip_l),
+            clip_g: Box::new(clip_g),
             t5,
             t5_length,
             joint_attention_dim,
@@ -185,15 +187,21 @@ impl TextConditioner {
                 let l = clip_l.run(&texts)?;
                 let g = clip_g.run(&texts)?;
                 let projected = |o: &crate::clip::TextEncoderOutput, which: &str| {
-                    o.text_embeds.as_ref().map(Tensor::shallow_clone).ok_or_else(|| {
-                        Error::invalid(format!(
-                            "SD3 pipeline: {which} has no text projection \
+                    o.text_embeds
+                        .as_ref()
+                        .map(Tensor::shallow_clone)
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "SD3 pipeline: {which} has no text projection \
                              (CLIPTextModelWithProjection expected)"
-                        ))
-                    })
+                            ))
+                        })
                 };
                 let pooled = Tensor::cat(
-                    &[projected(&l, "text_encoder")?, projected(&g, "text_encoder_2")?],
+                    &[
+                        projected(&l, "text_encoder")?,
+                        projected(&g, "text_encoder_2")?,
+                    ],
                     -1,
                 );
                 let kind = l.penultimate().kind();

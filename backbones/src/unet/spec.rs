@@ -16,8 +16,8 @@ use tch::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
-use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
+use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
 
 pub const KIND: &str = "unet";
