@@ -139,6 +139,11 @@ pub trait Backbone: Send {
             self.info().kind
         )))
     }
+    /// The unconditional branch of classifier-free guidance for one prompt: the encoded empty
+    /// prompt, or what the pipeline uses instead (SDXL's `force_zeros_for_empty_prompt`: zeros).
+    fn null_conditioning(&self) -> Result<Conditioning> {
+        self.encode_prompts(&[String::new()])
+    }
     /// RGB images (B, 3, H, W) in [-1, 1] to the clean samples the network denoises (a VAE
     /// encode, posterior sample, scaled and shifted by the folder's constants; the identity for
     /// pixel-space models). Draws from torch's global generator.
@@ -166,6 +171,14 @@ pub trait Backbone: Send {
     /// (C, H, W) of the sample the network denoises at its native resolution, where known.
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None
+    }
+    /// (C, h, w) of the sample for an image of `height` x `width` pixels, where the backbone
+    /// knows its image codec.
+    fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
+        Err(Error::invalid(format!(
+            "backbone `{}` cannot size samples for {height}x{width} images",
+            self.info().kind
+        )))
     }
     /// Samples (B, C, H, W) to RGB images (B, 3, H', W') in [-1, 1] (a VAE decode; the identity
     /// for pixel-space models).

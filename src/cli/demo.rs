@@ -112,7 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         base.display(),
         prompts.len(),
         gen.n,
-        gen.steps
+        gen.steps.unwrap_or_default()
     );
     let mut timings: Vec<(String, f64)> = Vec::new();
     let mut evaluated = Vec::new();
@@ -328,10 +328,12 @@ fn gen_settings(a: &Args) -> anyhow::Result<GenSettings> {
     Ok(GenSettings {
         n: a.n,
         seed: a.seed,
-        steps,
-        guidance: a.guidance,
-        shift,
+        steps: Some(steps),
+        guidance: Some(a.guidance),
+        shift: Some(shift),
         batch: a.batch,
+        height: None,
+        width: None,
     })
 }
 
@@ -404,7 +406,11 @@ fn settings(
             "sampling".into(),
             format!(
                 "{} images per prompt, FlowMatch Euler {} steps, shift {}, guidance {}, noise seed {}",
-                gen.n, gen.steps, gen.shift, gen.guidance, gen.seed
+                gen.n,
+                gen.steps.unwrap_or_default(),
+                gen.shift.unwrap_or_default(),
+                gen.guidance.unwrap_or_default(),
+                gen.seed
             ),
         ),
         (

@@ -4,9 +4,11 @@
 //! the batching.
 use anyhow::{bail, Context};
 use image::RgbImage;
+use softalign_backbones::schedulers::ddim::DdimSpec;
 use softalign_backbones::schedulers::flow_match_euler::FlowMatchEulerSpec;
 use softalign_core::backbone::Prediction;
 use softalign_core::plugin::SamplerSpec;
+use softalign_core::sampler::Sampler;
 use softalign_core::sampler::{Guidance, SampleRequest};
 use softalign_core::train::seed::micro_seed;
 use tch::{Device, Kind, Tensor};
@@ -24,18 +26,26 @@ pub struct GenSettings {
     /// Noise seed: image k of prompt p uses a seed derived from (seed, p, k).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Sampling steps (FlowMatch Euler).
-    #[arg(long, default_value_t = 28)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1: none).
-    #[arg(long, default_value_t = 4.0)]
-    pub guidance: f64,
-    /// The scheduler's timestep shift.
-    #[arg(long, default_value_t = 3.0)]
-    pub shift: f64,
+    /// Sampling steps (default: 28 for flow-matching models, FlowMatch Euler; 30 for DDPM
+    /// UNets, DDIM as SoftREPA samples SD 1.5 / SDXL).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale, 1: none (default: 4 for flow matching, 7 for DDIM).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// FlowMatch Euler's timestep shift (default: the model folder's scheduler_config.json
+    /// `shift`, else 3).
+    #[arg(long)]
+    pub shift: Option<f64>,
     /// Images per backbone forward (each guidance branch).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<i64>,
 }
 
 impl Default for GenSettings {
@@ -43,12 +53,81 @@ impl Default for GenSettings {
         Self {
             n: 4,
             seed: 0,
-            steps: 28,
-            guidance: 4.0,
-            shift: 3.0,
+            steps: None,
+            guidance: None,
+            shift: None,
             batch: 64,
+            height: None,
+            width: None,
         }
     }
+}
+
+/// The sampler a model samples with and the guidance scale, from the settings, the model's
+/// prediction type and its folder's scheduler_config.json.
+pub struct Resolved {
+    pub sampler: Box<dyn Sampler>,
+    pub guidance: f64,
+    pub description: String,
+}
+
+/// Keys of a diffusers scheduler_config.json that DDIM shares with the schedulers SD folders
+/// ship (PNDM, DDIM, Euler...): the noise schedule and the timestep spacing.
+const DDIM_KEYS: [&str; 9] = [
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "steps_offset",
+    "timestep_spacing",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+];
+
+pub fn resolve(
+    s: &GenSettings,
+    prediction: Prediction,
+    scheduler: Option<&serde_json::Value>,
+) -> anyhow::Result<Resolved> {
+    let get = |k: &str| scheduler.and_then(|c| c.get(k));
+    if prediction == Prediction::Velocity {
+        let steps = s.steps.unwrap_or(28);
+        let shift = s
+            .shift
+            .or_else(|| get("shift").and_then(|v| v.as_f64()))
+            .unwrap_or(3.0);
+        let guidance = s.guidance.unwrap_or(4.0);
+        let sampler = FlowMatchEulerSpec { steps, shift }.build()?;
+        return Ok(Resolved {
+            sampler,
+            guidance,
+            description: format!("FlowMatch Euler {steps} steps, shift {shift}"),
+        });
+    }
+    if s.shift.is_some() {
+        bail!("--shift is a FlowMatch Euler setting; this model samples with DDIM");
+    }
+    let steps = s.steps.unwrap_or(30);
+    let guidance = s.guidance.unwrap_or(7.0);
+    let mut spec = serde_json::Map::new();
+    for k in DDIM_KEYS {
+        if let Some(v) = get(k).filter(|v| !v.is_null()) {
+            spec.insert(k.into(), v.clone());
+        }
+    }
+    spec.insert("steps".into(), steps.into());
+    let spec: DdimSpec = serde_json::from_value(spec.into())
+        .context("the model's scheduler_config.json does not make a DDIM schedule")?;
+    let description = format!(
+        "DDIM {steps} steps ({:?} spacing, eta 0)",
+        spec.timestep_spacing
+    );
+    Ok(Resolved {
+        sampler: spec.build()?,
+        guidance,
+        description,
+    })
 }
 
 /// The noise seed of image `k` of prompt `p`.
@@ -58,40 +137,35 @@ pub fn noise_seed(seed: u64, prompt: usize, k: usize) -> u64 {
 
 /// Generates `settings.n` images for each prompt; `on_prompt(p, images)` sees each prompt's
 /// images as soon as they are done (writing them, advancing a progress bar). Prompt indices
-/// are positions in `prompts` and name the noise seeds.
+/// are positions in `prompts` and name the noise seeds. Returns the sampler and guidance used.
 pub fn generate(
     model: &Model,
     prompts: &[String],
     s: &GenSettings,
     mut on_prompt: impl FnMut(usize, Vec<RgbImage>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let _guard = tch::no_grad_guard();
     let bb = model.backbone.as_ref();
     if s.n == 0 {
         bail!("--n must be at least 1");
     }
-    if bb.info().prediction != Prediction::Velocity {
-        bail!(
-            "backbone `{}` predicts {:?}; sampling supports flow-matching (velocity) models",
-            bb.info().kind,
-            bb.info().prediction
-        );
-    }
-    let shape = bb.sample_shape().with_context(|| {
-        format!(
-            "backbone `{}` does not say its sample shape",
-            bb.info().kind
-        )
-    })?;
-    let sampler = FlowMatchEulerSpec {
-        steps: s.steps,
-        shift: s.shift,
-    }
-    .build()?;
+    let shape = match (s.height, s.width) {
+        (None, None) => bb.sample_shape().with_context(|| {
+            format!(
+                "backbone `{}` does not say its native size: give --height and --width",
+                bb.info().kind
+            )
+        })?,
+        (h, w) => {
+            // One side given: a square image.
+            let (h, w) = (h.or(w).unwrap_or(0), w.or(h).unwrap_or(0));
+            bb.sample_shape_for(h, w)?
+        }
+    };
+    let r = resolve(s, bb.info().prediction, model.scheduler_config.as_ref())?;
+    let sampler = r.sampler;
     let dev = bb.device();
-    let null = bb
-        .encode_prompts(&[String::new()])
-        .context("encoding the null prompt")?;
+    let null = bb.null_conditioning().context("encoding the null prompt")?;
     let per_batch = (s.batch / s.n).max(1);
     for (chunk_no, chunk) in prompts.chunks(per_batch).enumerate() {
         let first = chunk_no * per_batch;
@@ -117,7 +191,7 @@ pub fn generate(
             cond: &cond,
             uncond: Some(&uncond),
             guidance: Guidance {
-                scale: s.guidance,
+                scale: r.guidance,
                 cond_tokens: model.selection.clone(),
                 uncond_tokens: model.selection.clone(),
             },
@@ -129,7 +203,7 @@ pub fn generate(
             on_prompt(first + p, images.by_ref().take(s.n).collect())?;
         }
     }
-    Ok(())
+    Ok(format!("{}, guidance {}", r.description, r.guidance))
 }
 
 /// (B, 3, H, W) in [-1, 1] to 8-bit RGB images.

@@ -15,7 +15,8 @@ use super::build::Built;
 pub struct ModelArgs {
     /// A model folder (diffusers-style). Its type comes from `--backbone`, or else from
     /// `model_index.json`: a `softalign_backbone` key, or the pipeline class
-    /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3).
+    /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3, other `StableDiffusion*`
+    /// pipelines, SD 1.x / 2.x / SDXL: unet).
     #[arg(long, conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
     /// Or a recipe whose `[backbone]` table names the model.
@@ -41,6 +42,21 @@ pub struct Model {
     pub adapters: Vec<Box<dyn Adapter>>,
     /// The tokens both guidance branches use; `None`: no adapter.
     pub selection: Option<TokenSelection>,
+    /// The model folder's scheduler/scheduler_config.json (sampler settings), where it has one.
+    pub scheduler_config: Option<serde_json::Value>,
+}
+
+/// `scheduler/scheduler_config.json` of a pipeline folder, if present.
+pub fn scheduler_config(dir: &Path) -> anyhow::Result<Option<serde_json::Value>> {
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    Ok(Some(json))
 }
 
 /// The backbone type of a model folder, from its `model_index.json`.
@@ -59,6 +75,9 @@ pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
     }
     match json.get("_class_name").and_then(|v| v.as_str()) {
         Some(c) if c.starts_with("StableDiffusion3") => Ok("sd3".into()),
+        // StableDiffusionPipeline, StableDiffusionXLPipeline and their img2img / inpaint
+        // siblings all denoise with a UNet2DConditionModel.
+        Some(c) if c.starts_with("StableDiffusion") => Ok("unet".into()),
         Some("SoftalignShapesPipeline") => Ok("shapes".into()),
         Some(c) => bail!(
             "{}: pipeline class `{c}` has no known backbone; pass --backbone",
@@ -78,7 +97,7 @@ fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> 
 
 impl Model {
     pub fn load(a: &ModelArgs) -> anyhow::Result<Model> {
-        let backbone = match (&a.model, &a.recipe) {
+        let (backbone, folder) = match (&a.model, &a.recipe) {
             (Some(dir), None) => {
                 let kind = match &a.backbone {
                     Some(k) => k.clone(),
@@ -89,11 +108,22 @@ impl Model {
                     recipe_dir: PathBuf::from("."),
                     dtype_override: None,
                 };
-                folder_spec(&kind, dir)?
+                let b = folder_spec(&kind, dir)?
                     .build(&ctx)
-                    .with_context(|| format!("loading the model {}", dir.display()))?
+                    .with_context(|| format!("loading the model {}", dir.display()))?;
+                (b, Some(dir.clone()))
             }
-            (None, Some(recipe)) => Built::new(recipe, &[], None, false)?.backbone,
+            (None, Some(recipe)) => {
+                let built = Built::new(recipe, &[], None, false)?;
+                let folder = built
+                    .loaded
+                    .json
+                    .get("backbone")
+                    .and_then(|b| b.get("path"))
+                    .and_then(|p| p.as_str())
+                    .map(|p| built.ctx.resolve(Path::new(p)));
+                (built.backbone, folder)
+            }
             _ => bail!("give a model: --model DIR or --recipe FILE"),
         };
         let mut adapters = Vec::new();
@@ -129,10 +159,15 @@ impl Model {
         } else if a.token_set.is_some() || a.ema {
             bail!("--token-set and --ema need an --adapter");
         }
+        let scheduler_config = match &folder {
+            Some(dir) => scheduler_config(dir)?,
+            None => None,
+        };
         Ok(Model {
             backbone,
             adapters,
             selection,
+            scheduler_config,
         })
     }
 

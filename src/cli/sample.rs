@@ -67,7 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.quiet,
     );
     let mut all = vec![Vec::new(); prompts.len()];
-    generate(&model, &prompts, &a.gen, |p, images| {
+    let how = generate(&model, &prompts, &a.gen, |p, images| {
         for (k, img) in images.iter().enumerate() {
             save_png(img, &a.out.join(format!("{p:04}-{k:02}.png")))?;
         }
@@ -81,7 +81,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::write(&list, prompts.join("\n") + "\n")
         .with_context(|| format!("writing {}", list.display()))?;
     eprintln!(
-        "{} images of {} prompts from {} in {}",
+        "{} images of {} prompts from {} ({how}) in {}",
         prompts.len() * a.gen.n,
         prompts.len(),
         model.describe(),

@@ -16,6 +16,7 @@ use tch::{Device, Tensor};
 use super::config::Sd3Config;
 use super::flow_match::{FlowMatch, TimestepSampling};
 use super::transformer::{sites, Sd3Transformer2DModel};
+use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
 
 pub const KIND: &str = "sd3";
@@ -24,6 +25,12 @@ pub const CONDITIONING: [&str; 2] = ["encoder_hidden_states", "pooled_projection
 
 fn default_shift() -> f64 {
     1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_t5_length() -> usize {
+    crate::t5::tokenizer::DEFAULT_MAX_LENGTH
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +58,17 @@ pub struct Sd3Spec {
     /// Checkpoint tensors that may go unused (exact names or `prefix*`).
     #[serde(default)]
     pub allow_unused: Vec<String>,
+    /// With a pipeline folder: load its text encoders and tokenizers (false: training from an
+    /// encoding cache, which needs no prompts encoded).
+    #[serde(default = "yes")]
+    pub text_encoders: bool,
+    /// With a pipeline folder: load its VAE (false: training from an encoding cache).
+    #[serde(default = "yes")]
+    pub vae: bool,
+    /// T5 tokens of the conditioning (diffusers' `max_sequence_length`: 256; the SoftREPA
+    /// reference used 512).
+    #[serde(default = "default_t5_length")]
+    pub t5_max_length: usize,
 }
 
 impl Sd3Spec {
@@ -63,6 +81,9 @@ impl Sd3Spec {
             timestep_shift: 1.0,
             allow_missing: Vec::new(),
             allow_unused: Vec::new(),
+            text_encoders: true,
+            vae: true,
+            t5_max_length: default_t5_length(),
         }
     }
 
@@ -125,7 +146,31 @@ impl BackboneSpec for Sd3Spec {
                     missing: self.allow_missing.clone(),
                     unused: self.allow_unused.clone(),
                 };
-                Sd3Backbone::load(&dir, ctx.device, dtype, &allow, noise)?
+                let mut b = Sd3Backbone::load(&dir, ctx.device, dtype, &allow, noise)?;
+                let root = ctx.resolve(self.path.as_ref().expect("a folder source has a path"));
+                if let Some(folder) = PipelineFolder::open(&root)? {
+                    if self.t5_max_length == 0 {
+                        return Err(Error::Recipe(
+                            "backbone sd3: `t5_max_length` must be at least 1".into(),
+                        ));
+                    }
+                    let flavour = Flavour::Sd3 {
+                        t5_length: self.t5_max_length,
+                        joint_attention_dim: cfg.joint_attention_dim,
+                    };
+                    let parts = LoadParts {
+                        text_encoders: self.text_encoders,
+                        vae: self.vae,
+                    };
+                    b.pipeline = Some(PipelineParts::load(
+                        &folder,
+                        flavour,
+                        parts,
+                        ctx.device,
+                        dtype.kind(),
+                    )?);
+                }
+                b
             }
             None => Sd3Backbone::random(&cfg, ctx.device, dtype, noise)?,
         };
@@ -148,6 +193,8 @@ pub struct Sd3Backbone {
     vs: VarStore,
     model: Sd3Transformer2DModel,
     noise: FlowMatch,
+    /// Text encoders, VAE and fingerprint when built from a pipeline folder.
+    pub pipeline: Option<PipelineParts>,
 }
 
 impl Sd3Backbone {
@@ -164,6 +211,7 @@ impl Sd3Backbone {
             vs,
             model,
             noise,
+            pipeline: None,
         })
     }
 
@@ -188,6 +236,15 @@ impl Sd3Backbone {
 
     pub fn config(&self) -> &Sd3Config {
         self.model.config()
+    }
+
+    fn parts(&self) -> Result<&PipelineParts> {
+        self.pipeline.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "backbone `sd3` was loaded from a transformer folder without model_index.json: \
+                 it has no text encoders or VAE (point `path` at the pipeline folder)",
+            )
+        })
     }
 }
 
@@ -219,6 +276,40 @@ impl Backbone for Sd3Backbone {
 
     fn var_store_mut(&mut self) -> &mut VarStore {
         &mut self.vs
+    }
+
+    fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
+        self.parts()?.encode_prompts(prompts)
+    }
+
+    fn null_conditioning(&self) -> Result<Conditioning> {
+        self.parts()?.null_conditioning()
+    }
+
+    fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
+        self.parts()?.encode_images(images)
+    }
+
+    fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        self.parts()?.image_posterior(images)
+    }
+
+    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
+        Ok(self.parts()?.fingerprint())
+    }
+
+    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        self.parts()?.decode(samples)
+    }
+
+    /// The transformer's `sample_size` (latent side of the released resolution).
+    fn sample_shape(&self) -> Option<[i64; 3]> {
+        let c = self.config();
+        Some([c.in_channels, c.sample_size, c.sample_size])
+    }
+
+    fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
+        self.parts()?.sample_shape_for(height, width)
     }
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {

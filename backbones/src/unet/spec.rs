@@ -16,6 +16,7 @@ use tch::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
+use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
 
@@ -51,6 +52,17 @@ pub struct UNetSpec {
     /// Checkpoint tensors that may go unused (exact names or `prefix*`).
     #[serde(default)]
     pub allow_unused: Vec<String>,
+    /// With a pipeline folder: load its text encoders and tokenizers (false: training from an
+    /// encoding cache, which needs no prompts encoded).
+    #[serde(default = "yes")]
+    pub text_encoders: bool,
+    /// With a pipeline folder: load its VAE (false: training from an encoding cache).
+    #[serde(default = "yes")]
+    pub vae: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Noise schedule and prediction type from a pipeline's scheduler_config.json (the keys every
@@ -107,6 +119,8 @@ impl UNetSpec {
             prediction_type: None,
             allow_missing: Vec::new(),
             allow_unused: Vec::new(),
+            text_encoders: true,
+            vae: true,
         }
     }
 
@@ -196,7 +210,7 @@ impl BackboneSpec for UNetSpec {
             missing: self.allow_missing.clone(),
             unused: self.allow_unused.clone(),
         };
-        let b = match (&self.unet, dir) {
+        let mut b = match (&self.unet, dir) {
             (Some(swap), Some(base)) => {
                 let swap = Self::model_dir(&ctx.resolve(swap));
                 let b = UNetBackbone::load(&swap, ctx.device, dtype, &allow, noise)?;
@@ -223,6 +237,26 @@ impl BackboneSpec for UNetSpec {
             (None, Some(dir)) => UNetBackbone::load(&dir, ctx.device, dtype, &allow, noise)?,
             (None, None) => UNetBackbone::random(&cfg, ctx.device, dtype, noise)?,
         };
+        if let Some(path) = &self.path {
+            if let Some(folder) = PipelineFolder::open(&ctx.resolve(path))? {
+                let flavour = if cfg.has_text_time() {
+                    Flavour::Sdxl
+                } else {
+                    Flavour::Sd15
+                };
+                let parts = LoadParts {
+                    text_encoders: self.text_encoders,
+                    vae: self.vae,
+                };
+                b.pipeline = Some(PipelineParts::load(
+                    &folder,
+                    flavour,
+                    parts,
+                    ctx.device,
+                    dtype.kind(),
+                )?);
+            }
+        }
         Ok(Box::new(b))
     }
 }
@@ -251,6 +285,18 @@ pub struct UNetBackbone {
     vs: VarStore,
     model: UNet2DConditionModel,
     noise: DdpmNoise,
+    /// Text encoders, VAE and fingerprint when built from a pipeline folder.
+    pub pipeline: Option<PipelineParts>,
+}
+
+/// SDXL's `add_time_ids` for an image of `height` x `width` pixels as diffusers builds them by
+/// default: original size, crop top-left (0, 0), target size, both sizes the image's.
+pub fn sdxl_time_ids(batch: i64, height: i64, width: i64, device: Device) -> Tensor {
+    let ids = [height, width, 0, 0, height, width].map(|v| v as f32);
+    Tensor::from_slice(&ids)
+        .view([1, 6])
+        .expand([batch, 6], true)
+        .to_device(device)
 }
 
 impl UNetBackbone {
@@ -270,6 +316,7 @@ impl UNetBackbone {
             vs,
             model,
             noise,
+            pipeline: None,
         })
     }
 
@@ -299,6 +346,20 @@ impl UNetBackbone {
     pub fn ddpm(&self) -> &DdpmNoise {
         &self.noise
     }
+
+    /// Pixels per latent side: the pipeline VAE's, else Stable Diffusion's 8.
+    pub fn vae_scale_factor(&self) -> i64 {
+        self.pipeline.as_ref().map_or(8, |p| p.vae_scale_factor)
+    }
+
+    fn parts(&self) -> Result<&PipelineParts> {
+        self.pipeline.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "backbone `unet` was loaded without a pipeline folder (model_index.json): it \
+                 has no text encoders or VAE (point `path` at the pipeline folder)",
+            )
+        })
+    }
 }
 
 impl Backbone for UNetBackbone {
@@ -318,10 +379,24 @@ impl Backbone for UNetBackbone {
         hook: Option<&dyn SiteHook>,
     ) -> Result<Tensor> {
         let ehs = cond.get(ENCODER_HIDDEN_STATES)?;
+        // Conditioning from a pipeline leaves the time ids out (they depend on the image
+        // size, not the prompt): built from the sample's size, as diffusers does by default.
+        let made;
         let text_time = if self.config().has_text_time() {
+            let time_ids = match cond.0.get(TIME_IDS) {
+                Some(t) => t,
+                None if self.pipeline.is_some() => {
+                    let s = x_t.size();
+                    let f = self.vae_scale_factor();
+                    made = sdxl_time_ids(s[0], s[2] * f, s[3] * f, x_t.device())
+                        .to_kind(cond.get(TEXT_EMBEDS)?.kind());
+                    &made
+                }
+                None => cond.get(TIME_IDS)?,
+            };
             Some(TextTime {
                 text_embeds: cond.get(TEXT_EMBEDS)?,
-                time_ids: cond.get(TIME_IDS)?,
+                time_ids,
             })
         } else {
             None
@@ -341,6 +416,34 @@ impl Backbone for UNetBackbone {
     fn sample_shape(&self) -> Option<[i64; 3]> {
         let c = self.config();
         c.sample_hw().map(|(h, w)| [c.in_channels, h, w])
+    }
+
+    fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
+        self.parts()?.encode_prompts(prompts)
+    }
+
+    fn null_conditioning(&self) -> Result<Conditioning> {
+        self.parts()?.null_conditioning()
+    }
+
+    fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
+        self.parts()?.encode_images(images)
+    }
+
+    fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        self.parts()?.image_posterior(images)
+    }
+
+    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
+        Ok(self.parts()?.fingerprint())
+    }
+
+    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        self.parts()?.decode(samples)
+    }
+
+    fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
+        self.parts()?.sample_shape_for(height, width)
     }
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
