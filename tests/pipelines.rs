@@ -304,6 +304,79 @@ fn cache_train_sample(name: &str, backbone: &str, sites: &str, size: (u32, u32),
         let img = image::open(d.join("samples").join(p)).unwrap();
         assert_eq!((img.width(), img.height()), size, "{name} {p}");
     }
+    if name == "sd3" {
+        compact_cache_is_smaller_and_trains(d);
+    }
+}
+
+/// SD3's compact cache stores the context after the frozen context_embedder; training reads it
+/// without the text encoders, and a recipe that disagrees about `compact` is refused.
+fn compact_cache_is_smaller_and_trains(d: &Path) {
+    let compact = [
+        "--set",
+        "data.compact=true",
+        "--set",
+        "data.path=\"cache-compact\"",
+    ];
+    let mut args = vec!["cache", "--quiet", "--recipe", "r.toml"];
+    args.extend_from_slice(&compact);
+    softalign(&args, d);
+    let manifest = |dir: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join(dir).join("manifest.json")).unwrap())
+            .unwrap()
+    };
+    let (plain, small) = (manifest("cache"), manifest("cache-compact"));
+    let names = |m: &serde_json::Value| -> Vec<String> {
+        m["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names(&small).contains(&"cond.context_embeds".to_string()));
+    assert!(!names(&small).contains(&"cond.encoder_hidden_states".to_string()));
+    let (pb, sb) = (
+        plain["record_bytes"].as_u64().unwrap(),
+        small["record_bytes"].as_u64().unwrap(),
+    );
+    eprintln!("sd3 tiny cache record: {pb} bytes, compact {sb}");
+    assert!(sb < pb, "compact {sb} >= plain {pb}");
+    let mut args = vec![
+        "train",
+        "--quiet",
+        "--recipe",
+        "r.toml",
+        "--run-dir",
+        "run-compact",
+        "--set",
+        "backbone.text_encoders=false",
+        "--set",
+        "backbone.vae=false",
+    ];
+    args.extend_from_slice(&compact);
+    softalign(&args, d);
+    assert!(d.join("run-compact/final/adapter.safetensors").is_file());
+    // The plain cache read by a recipe that asks for the compact one.
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args([
+            "train",
+            "--quiet",
+            "--recipe",
+            "r.toml",
+            "--run-dir",
+            "run-x",
+        ])
+        .args(["--set", "data.compact=true"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("stale encoding cache") && stderr.contains("compact"),
+        "{stderr}"
+    );
 }
 
 #[test]

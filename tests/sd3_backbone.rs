@@ -14,6 +14,9 @@ use softalign_core::sampler::{Guidance, SampleRequest};
 use softalign_core::site::{SiteSelector, TokenSpace};
 use softalign_core::tensors::{save_safetensors, MappedSafetensors};
 use tch::{Device, Kind, Tensor};
+/// Tests here seed and draw from torch's one global generator; they take turns so that a
+/// parallel test cannot draw between another's seed and its draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn tiny() -> Sd3Config {
     Sd3Config {
@@ -78,6 +81,7 @@ fn tokens(bb: &dyn Backbone, space: TokenSpace) -> Box<dyn Adapter> {
 
 #[test]
 fn describe_reports_sites_and_conditioning_from_config_only() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let cfg = serde_json::to_string(&tiny().to_json()).unwrap();
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
@@ -106,6 +110,7 @@ fn describe_reports_sites_and_conditioning_from_config_only() {
 
 #[test]
 fn config_rejects_unknown_keys_and_impossible_values() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("config.json");
     let mut v = tiny().to_json();
@@ -132,6 +137,7 @@ fn config_rejects_unknown_keys_and_impossible_values() {
 
 #[test]
 fn only_adapter_tensors_receive_gradients() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let bb = random();
     let frozen: Vec<(String, Tensor)> = bb
         .var_store()
@@ -180,6 +186,7 @@ fn only_adapter_tensors_receive_gradients() {
 
 #[test]
 fn tokens_only_touch_blocks_they_are_given_and_are_dropped_after() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let bb = random();
     let (x, t, c) = inputs(2);
     let _guard = tch::no_grad_guard();
@@ -218,6 +225,7 @@ fn load_err(dir: &Path) -> String {
 
 #[test]
 fn save_pretrained_round_trips_in_each_dtype() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let bb = saved_model(dir.path());
     let (x, t, c) = inputs(2);
@@ -249,6 +257,7 @@ fn save_pretrained_round_trips_in_each_dtype() {
 
 #[test]
 fn missing_tensor_is_named() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     saved_model(dir.path());
     rewrite(dir.path(), |v| {
@@ -269,6 +278,7 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn extra_tensor_is_named() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     saved_model(dir.path());
     rewrite(dir.path(), |v| {
@@ -291,6 +301,7 @@ fn extra_tensor_is_named() {
 
 #[test]
 fn wrong_shape_is_named() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     saved_model(dir.path());
     rewrite(dir.path(), |v| {
@@ -309,6 +320,7 @@ fn wrong_shape_is_named() {
 
 #[test]
 fn corrupt_header_names_the_file() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     saved_model(dir.path());
     let f = dir.path().join("diffusion_pytorch_model.safetensors");
@@ -321,6 +333,7 @@ fn corrupt_header_names_the_file() {
 
 #[test]
 fn input_shape_errors_name_the_tensor() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let bb = random();
     let (x, t, _) = inputs(2);
     let c = Conditioning::new()
@@ -342,6 +355,7 @@ fn input_shape_errors_name_the_tensor() {
 
 #[test]
 fn flow_matching_noise_and_timesteps() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let fm = noise();
     let x0 = Tensor::ones([2, 1, 2, 2], (Kind::Float, Device::Cpu));
     let eps = Tensor::zeros([2, 1, 2, 2], (Kind::Float, Device::Cpu)) - 1.0;
@@ -387,6 +401,7 @@ fn flow_matching_noise_and_timesteps() {
 
 #[test]
 fn sampler_runs_cfg_with_per_branch_tokens() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let bb = random();
     let adapters = vec![tokens(&bb, TokenSpace::Joint)];
     let sampler = FlowMatchEulerSpec {
@@ -439,6 +454,7 @@ fn sampler_runs_cfg_with_per_branch_tokens() {
 
 #[test]
 fn catalogue_entries_exist_and_their_examples_parse() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     use softalign_core::catalogue::{find, PluginKind};
     let sd3 = find(PluginKind::Backbone, "sd3").expect("sd3 registered");
     let t: toml::Table = toml::from_str(sd3.example).unwrap();
@@ -452,6 +468,7 @@ fn catalogue_entries_exist_and_their_examples_parse() {
 
 #[test]
 fn bench_runs_every_case() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     use softalign_backbones::sd3::bench::{run, BenchConfig};
     let cfg = BenchConfig {
         model: tiny(),
@@ -473,4 +490,47 @@ fn bench_runs_every_case() {
         ..cfg
     };
     assert!(run(&too_many, |_| {}).is_err());
+}
+
+#[test]
+fn compact_context_gives_the_same_output_with_either_token_space() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let bb = random();
+    tch::manual_seed(11);
+    let (x, t, c) = inputs(3);
+    let compact = bb
+        .compact_conditioning(Conditioning(
+            c.0.iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+        ))
+        .unwrap();
+    assert!(compact.0.contains_key("context_embeds"));
+    assert!(!compact.0.contains_key("encoder_hidden_states"));
+    assert_eq!(compact.get("context_embeds").unwrap().size(), [3, 5, 16]);
+    let _guard = tch::no_grad_guard();
+    let plain = bb.forward(&x, &t, &c, None).unwrap();
+    let got = bb.forward(&x, &t, &compact, None).unwrap();
+    assert!(
+        (&plain - &got).abs().max().double_value(&[]) <= 1e-5,
+        "no tokens"
+    );
+    for space in [TokenSpace::Joint, TokenSpace::Context] {
+        let adapters = vec![tokens(&bb, space)];
+        let inj = Injection {
+            adapters: &adapters,
+            selection: TokenSelection::default(),
+        };
+        let a = bb.forward(&x, &t, &c, Some(&inj)).unwrap();
+        let b = bb.forward(&x, &t, &compact, Some(&inj)).unwrap();
+        let err = (&a - &b).abs().max().double_value(&[]);
+        assert!(err <= 1e-5, "{space:?}: {err}");
+        assert!(
+            (&a - &plain).abs().max().double_value(&[]) > 1e-3,
+            "{space:?}: tokens had no effect"
+        );
+    }
+    // The compact form is tied to this transformer's context_embedder.
+    let fp = bb.compact_fingerprint().unwrap();
+    assert!(fp["context_embedder_sha256"].as_str().unwrap().len() == 64);
 }

@@ -168,6 +168,16 @@ pub trait Backbone: Send {
             self.info().kind
         )))
     }
+    /// The smallest form of `encode_prompts`' output the forward accepts, for encoding caches
+    /// (SD3: the context after the frozen `context_embedder`). Default: unchanged.
+    fn compact_conditioning(&self, cond: Conditioning) -> Result<Conditioning> {
+        Ok(cond)
+    }
+    /// What, besides the encoders, decides `compact_conditioning` (weights of the denoiser it
+    /// uses). Default: nothing.
+    fn compact_fingerprint(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::Value::Null)
+    }
     /// (C, H, W) of the sample the network denoises at its native resolution, where known.
     fn sample_shape(&self) -> Option<[i64; 3]> {
         None

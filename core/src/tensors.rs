@@ -150,6 +150,24 @@ pub fn save_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// SHA-256 over names, dtypes, shapes and bytes of `tensors` (in the given order).
+pub fn digest(tensors: &[(String, Tensor)]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, t) in tensors {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", t.kind(), t.size()).as_bytes());
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        if numel > 0 {
+            t.f_copy_data_u8(&mut bytes, numel)?;
+        }
+        h.update(&bytes);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
 /// Writes a file through a sibling temporary and a rename, so readers see the old or the new
 /// content, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

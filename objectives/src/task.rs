@@ -61,8 +61,8 @@ impl ObjectiveTask {
         if objectives.is_empty() {
             return Err(Error::Recipe("the recipe names no [[objective]]".into()));
         }
-        if let Some(cached) = dataset.encoder_fingerprint() {
-            let now = backbone.encoder_fingerprint()?;
+        if let Some((cached, compact)) = dataset.cache_identity() {
+            let now = softalign_core::cache::cache_fingerprint(backbone.as_ref(), compact)?;
             if cached != now {
                 return Err(Error::Recipe(format!(
                     "the encoding cache was made by other encoders than this backbone's \

@@ -54,6 +54,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         source: cache.source_json(),
         captions_per_sample: cache.captions_per_sample,
         float_dtype: cache.dtype,
+        compact: cache.compact,
         batch: a.batch,
         progress: !a.quiet,
     };

@@ -11,6 +11,9 @@ pub const CLIP_TOKENS: i64 = 77;
 /// bookkeeping bytes, the scaled posterior mean and deviation at `resolution` pixels, and per
 /// caption the joint context (77 CLIP + `t5_length` T5 tokens, `joint_attention_dim` wide) and
 /// the pooled vector.
+/// With `compact`, the context is stored after the frozen `context_embedder` (`context_embeds`,
+/// inner_dim wide) instead of `encoder_hidden_states` (joint_attention_dim wide). Fields are
+/// named and ordered as the writer lays them out (sorted conditioning names).
 pub fn sd3_fields(
     cfg: &Sd3Config,
     vae_scale_factor: i64,
@@ -18,18 +21,24 @@ pub fn sd3_fields(
     t5_length: i64,
     captions: i64,
     float: StoredDType,
+    compact: bool,
 ) -> Vec<(String, StoredDType, Vec<i64>)> {
     let side = resolution / vae_scale_factor;
     let latent = vec![cfg.in_channels, side, side];
+    let (ctx_name, ctx_width) = if compact {
+        ("cond.context_embeds", cfg.inner_dim())
+    } else {
+        ("cond.encoder_hidden_states", cfg.joint_attention_dim)
+    };
     vec![
         ("valid".into(), StoredDType::U8, vec![1]),
         ("caption_count".into(), StoredDType::U8, vec![1]),
         ("x0.mean".into(), float, latent.clone()),
         ("x0.std".into(), float, latent),
         (
-            "cond.encoder_hidden_states".into(),
+            ctx_name.into(),
             float,
-            vec![captions, CLIP_TOKENS + t5_length, cfg.joint_attention_dim],
+            vec![captions, CLIP_TOKENS + t5_length, ctx_width],
         ),
         (
             "cond.pooled_projections".into(),
@@ -47,6 +56,7 @@ pub fn sd3_record_bytes(
     t5_length: i64,
     captions: i64,
     float: StoredDType,
+    compact: bool,
 ) -> usize {
     Manifest::layout(sd3_fields(
         cfg,
@@ -55,6 +65,7 @@ pub fn sd3_record_bytes(
         t5_length,
         captions,
         float,
+        compact,
     ))
     .1
 }
@@ -71,10 +82,15 @@ mod tests {
         let cfg = Sd3Config::preset("sd3-medium").unwrap();
         let latent = 2 * 16 * 64 * 64;
         for (t5, ctx) in [(256, 333), (512, 589)] {
-            let got = sd3_record_bytes(&cfg, 8, 512, t5, 5, StoredDType::Bf16);
-            let want = 2 + 2 * latent + 2 * 5 * ctx * 4096 + 2 * 5 * 2048;
-            assert_eq!(got, want as usize);
-            eprintln!("SD3-medium cache record, T5 length {t5}: {got} bytes per sample");
+            for (compact, width) in [(false, 4096), (true, 1536)] {
+                let got = sd3_record_bytes(&cfg, 8, 512, t5, 5, StoredDType::Bf16, compact);
+                let want = 2 + 2 * latent + 2 * 5 * ctx * width + 2 * 5 * 2048;
+                assert_eq!(got, want as usize);
+                eprintln!(
+                    "SD3-medium cache record, T5 length {t5}, compact {compact}: {got} bytes \
+                     per sample"
+                );
+            }
         }
     }
 }

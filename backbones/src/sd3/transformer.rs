@@ -144,6 +144,31 @@ impl Sd3Transformer2DModel {
     ) -> Result<Tensor> {
         let c = &self.config;
         check_shape(
+            "encoder_hidden_states",
+            encoder_hidden_states,
+            &[
+                Some(hidden_states.size().first().copied().unwrap_or(0)),
+                None,
+                Some(c.joint_attention_dim),
+            ],
+        )?;
+        let ctx = self.embed_context(encoder_hidden_states);
+        self.forward_embedded(hidden_states, timestep, &ctx, pooled_projections, hook)
+    }
+
+    /// [`Self::forward`] with the context already through `context_embedder`
+    /// (`context_embeds`, (B, L, inner_dim)): what a compact encoding cache stores. Soft
+    /// tokens in the context space still go through the embedder here.
+    pub fn forward_embedded(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        context_embeds: &Tensor,
+        pooled_projections: &Tensor,
+        hook: Option<(&dyn SiteHook, &[SiteInfo])>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        check_shape(
             "hidden_states",
             hidden_states,
             &[None, Some(c.in_channels), None, None],
@@ -158,9 +183,9 @@ impl Sd3Transformer2DModel {
         }
         check_shape("timestep", timestep, &[Some(b)])?;
         check_shape(
-            "encoder_hidden_states",
-            encoder_hidden_states,
-            &[Some(b), None, Some(c.joint_attention_dim)],
+            "context_embeds",
+            context_embeds,
+            &[Some(b), None, Some(c.inner_dim())],
         )?;
         check_shape(
             "pooled_projections",
@@ -181,7 +206,7 @@ impl Sd3Transformer2DModel {
         let temb = self
             .time_text_embed
             .forward(timestep, &pooled_projections.to_kind(kind));
-        let mut ctx = self.embed_context(encoder_hidden_states);
+        let mut ctx = context_embeds.to_kind(kind);
         let n_text = ctx.size()[1];
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let tokens = match hook {

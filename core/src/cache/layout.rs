@@ -84,6 +84,9 @@ pub struct Manifest {
     pub samples: usize,
     pub captions_per_sample: usize,
     pub float_dtype: StoredDType,
+    /// Conditioning stored in the backbone's compact form (`Backbone::compact_conditioning`).
+    #[serde(default)]
+    pub compact: bool,
     pub record_bytes: usize,
     pub fields: Vec<Field>,
     /// The softalign version that wrote it (informational).

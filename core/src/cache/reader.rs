@@ -117,8 +117,8 @@ impl Dataset for EncodedCache {
         self.valid.len()
     }
 
-    fn encoder_fingerprint(&self) -> Option<serde_json::Value> {
-        Some(self.manifest.fingerprint.clone())
+    fn cache_identity(&self) -> Option<(serde_json::Value, bool)> {
+        Some((self.manifest.fingerprint.clone(), self.manifest.compact))
     }
 
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch> {

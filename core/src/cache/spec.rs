@@ -34,6 +34,10 @@ pub struct EncodedCacheSpec {
     /// Probability of training on the empty caption's encoding instead.
     #[serde(default)]
     pub caption_dropout: f64,
+    /// Store the backbone's compact conditioning (SD3: the context after the frozen
+    /// context_embedder, 1536 instead of 4096 wide for SD3-medium).
+    #[serde(default)]
+    pub compact: bool,
 }
 
 register_plugin!(
@@ -102,6 +106,12 @@ fn check_settings(m: &Manifest, spec: &EncodedCacheSpec, dir: &std::path::Path) 
         r.push(format!(
             "{} captions per sample, the recipe says {}",
             m.captions_per_sample, spec.captions_per_sample
+        ));
+    }
+    if m.compact != spec.compact {
+        r.push(format!(
+            "compact = {}, the recipe says {}",
+            m.compact, spec.compact
         ));
     }
     if m.float_dtype != spec.dtype {

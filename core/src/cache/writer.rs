@@ -25,6 +25,8 @@ pub struct CacheRequest<'a> {
     pub source: serde_json::Value,
     pub captions_per_sample: usize,
     pub float_dtype: StoredDType,
+    /// Store `Backbone::compact_conditioning` of each caption's conditioning.
+    pub compact: bool,
     /// Samples per encoder call.
     pub batch: usize,
     pub progress: bool,
@@ -63,12 +65,13 @@ pub fn source_digest(data: &CaptionedImages) -> String {
 fn draft(req: &CacheRequest<'_>) -> Result<Manifest> {
     Ok(Manifest {
         format: FORMAT.into(),
-        fingerprint: req.backbone.encoder_fingerprint()?,
+        fingerprint: super::cache_fingerprint(req.backbone, req.compact)?,
         source: req.source.clone(),
         source_sha256: source_digest(req.data),
         samples: req.data.entries().len(),
         captions_per_sample: req.captions_per_sample,
         float_dtype: req.float_dtype,
+        compact: req.compact,
         record_bytes: 0,
         fields: Vec::new(),
         written_by: env!("CARGO_PKG_VERSION").into(),
@@ -101,6 +104,9 @@ fn stale_reasons(have: &Manifest, want: &Manifest) -> Vec<String> {
             "captions_per_sample {} vs {}",
             have.captions_per_sample, want.captions_per_sample
         ));
+    }
+    if have.compact != want.compact {
+        r.push(format!("compact {} vs {}", have.compact, want.compact));
     }
     if have.float_dtype != want.float_dtype {
         r.push(format!(
@@ -170,7 +176,10 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
         .map_err(|e| Error::file(&records_path, e))?;
     if !dir.join(EMPTY).exists() {
         let _guard = tch::no_grad_guard();
-        let empty = req.backbone.encode_prompts(&[String::new()])?;
+        let mut empty = req.backbone.encode_prompts(&[String::new()])?;
+        if req.compact {
+            empty = req.backbone.compact_conditioning(empty)?;
+        }
         let named: Vec<(String, Tensor)> = empty.0.into_iter().collect();
         save_safetensors(dir.join(EMPTY), &named, &BTreeMap::new())?;
     }
@@ -259,7 +268,10 @@ fn encode_chunk(
     let (mean, std) = req
         .backbone
         .image_posterior(&Tensor::stack(&images, 0).to_device(dev))?;
-    let cond = req.backbone.encode_prompts(&captions)?;
+    let mut cond = req.backbone.encode_prompts(&captions)?;
+    if req.compact {
+        cond = req.backbone.compact_conditioning(cond)?;
+    }
     let f = req.float_dtype;
     let mut out = BTreeMap::new();
     out.insert(

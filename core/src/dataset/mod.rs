@@ -33,9 +33,10 @@ pub trait Dataset: Send {
     }
     /// The samples at `indices` (drawn by the trainer from the run's seed).
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch>;
-    /// For an encoding cache: the fingerprint of the encoders that made it, which the
-    /// backbone must match.
-    fn encoder_fingerprint(&self) -> Option<serde_json::Value> {
+    /// For an encoding cache: the fingerprint it was made with (see
+    /// `cache::cache_fingerprint`), which the backbone must reproduce, and whether it holds
+    /// the compact conditioning.
+    fn cache_identity(&self) -> Option<(serde_json::Value, bool)> {
         None
     }
     /// Raw captioned images (what an encoding cache is made from).
