@@ -306,6 +306,61 @@ fn cache_train_sample(name: &str, backbone: &str, sites: &str, size: (u32, u32),
     }
     if name == "sd3" {
         compact_cache_is_smaller_and_trains(d);
+    } else {
+        geneval_layout_from_real_metadata(d, &folder, &adapter);
+    }
+}
+
+/// `softalign eval --geneval evaluation_metadata.jsonl` on a real pipeline: GenEval's folder
+/// layout, unscored (GenEval's own detector judges it).
+fn geneval_layout_from_real_metadata(d: &Path, folder: &Path, adapter: &Path) {
+    let meta = d.join("evaluation_metadata.jsonl");
+    std::fs::write(
+        &meta,
+        concat!(
+            r#"{"tag": "single_object", "include": [{"class": "cube", "count": 1}], "prompt": "a photo of a cube"}"#,
+            "\n",
+            r#"{"tag": "colors", "include": [{"class": "cube", "count": 1, "color": "red"}], "prompt": "a photo of a red cube"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = softalign(
+        &[
+            "eval",
+            "--quiet",
+            "--model",
+            folder.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--geneval",
+            meta.to_str().unwrap(),
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--height",
+            "24",
+            "--width",
+            "32",
+            "--out",
+            "geneval",
+        ],
+        d,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not scored"), "{stderr}");
+    for (i, prompt) in ["a photo of a cube", "a photo of a red cube"]
+        .iter()
+        .enumerate()
+    {
+        let p = d.join(format!("geneval/{i:05}"));
+        let line = std::fs::read_to_string(p.join("metadata.jsonl")).unwrap();
+        assert!(line.contains(prompt), "{line}");
+        for k in 0..2 {
+            let img = image::open(p.join(format!("samples/{k:04}.png"))).unwrap();
+            assert_eq!((img.width(), img.height()), (32, 24));
+        }
     }
 }
 

@@ -25,8 +25,9 @@ pub const SHAPES_KIND: &str = "shapes";
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// GenEval's `evaluation_metadata.jsonl` (default: the shapes world's held-out prompts).
-    #[arg(long)]
+    /// GenEval's `evaluation_metadata.jsonl` (default: the shapes world's held-out prompts);
+    /// `--geneval` is the same option.
+    #[arg(long, visible_alias = "geneval")]
     pub prompts: Option<PathBuf>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
