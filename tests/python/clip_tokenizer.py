@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from tiny_bpe import bpe_vocab_merges
 from tokenizers import Tokenizer
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
@@ -22,40 +23,8 @@ BPE_WORDS = ["a", "photo", "of", "red", "blue", "green", "cube", "cubes", "spher
              "left", "and", "the"]
 
 
-def bytes_to_unicode():
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_clip_bpe():
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for w in BPE_WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            pair = (cur, p)
-            cur = cur + p
-            if pair not in merges:
-                merges.append(pair)
-            if cur not in vocab:
-                vocab[cur] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    return bpe_vocab_merges(BPE_WORDS)
 
 
 def main(d):

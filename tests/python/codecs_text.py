@@ -16,6 +16,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+from tiny_bpe import bpe_vocab_merges
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
@@ -117,39 +118,8 @@ def clip_case(out, manifest):
     manifest["clip_proj_layers"] = cfg.num_hidden_layers
 
 
-def bytes_to_unicode():
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-          + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_bpe_folder(d):
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for w in CLIP_WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            pair = (cur, p)
-            cur = cur + p
-            if pair not in merges:
-                merges.append(pair)
-            if cur not in vocab:
-                vocab[cur] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab, merges = bpe_vocab_merges(CLIP_WORDS)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "vocab.json"), "w") as f:
         json.dump(vocab, f)

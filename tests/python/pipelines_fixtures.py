@@ -18,6 +18,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteSched
                        SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from safetensors.torch import save_file
+from tiny_bpe import bpe_vocab_merges
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer)
 
@@ -36,39 +37,8 @@ T5_PIECES = ["\u2581a", "\u2581photo", "\u2581of", "\u2581red", "\u2581cube", "\
              "\u2581green", "\u2581and"]
 
 
-def bytes_to_unicode():
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
-          + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_tokenizer(pad):
-    chars = bytes_to_unicode()
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for w in CLIP_WORDS:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = parts[0]
-        for p in parts[1:]:
-            pair = (cur, p)
-            cur = cur + p
-            if pair not in merges:
-                merges.append(pair)
-            if cur not in vocab:
-                vocab[cur] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab, merges = bpe_vocab_merges(CLIP_WORDS)
     # model_max_length 77, as every released SD tokenizer.
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
 
