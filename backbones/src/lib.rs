@@ -1,6 +1,7 @@
 //! Concrete denoisers with diffusers weight names, their noise processes and samplers.
 pub mod bench;
 pub mod clip;
+pub mod diffusers_config;
 pub mod pipeline;
 pub mod schedulers;
 pub mod sd3;

@@ -5,15 +5,6 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use softalign_core::{Error, Result};
 
-/// Keys diffusers writes for its own bookkeeping; they carry no architecture.
-const BOOKKEEPING: &[&str] = &[
-    "_class_name",
-    "_diffusers_version",
-    "_name_or_path",
-    "_use_default_values",
-    "_commit_hash",
-];
-
 pub const CLASS_NAME: &str = "SD3Transformer2DModel";
 
 /// Field names and defaults as in diffusers' `SD3Transformer2DModel.__init__`.
@@ -108,31 +99,14 @@ impl Sd3Config {
     /// Reads a config.json; unknown keys are an error naming them (a typo or a model this
     /// code does not implement must not load silently).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let mut map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
-        if let Some(c) = map.get("_class_name").and_then(|c| c.as_str()) {
-            if c != CLASS_NAME {
-                return Err(Error::file(
-                    path,
-                    format!("`_class_name` is `{c}`, expected `{CLASS_NAME}`"),
-                ));
-            }
-        }
-        map.retain(|k, _| !BOOKKEEPING.contains(&k.as_str()));
-        let cfg: Self = serde_json::from_value(serde_json::Value::Object(map))
-            .map_err(|e| Error::file(path, e))?;
+        let cfg: Self = crate::diffusers_config::read(path, CLASS_NAME)?;
         cfg.validate().map_err(|e| Error::file(path, e))?;
         Ok(cfg)
     }
 
     /// The config.json diffusers would write.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).expect("config serialises");
-        let m = v.as_object_mut().expect("struct");
-        m.insert("_class_name".into(), CLASS_NAME.into());
-        m.insert("_diffusers_version".into(), "0.42.1".into());
-        v
+        crate::diffusers_config::to_json(self, CLASS_NAME)
     }
 
     pub fn inner_dim(&self) -> i64 {
