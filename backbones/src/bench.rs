@@ -2,9 +2,12 @@
 //! without an adapter, round-robin over the cases, median per case.
 use std::time::Instant;
 
+use softalign_core::adapter::soft_tokens::SoftTokensSpec;
 use softalign_core::adapter::{Adapter, Injection, TokenSelection};
 use softalign_core::backbone::{Backbone, Conditioning};
+use softalign_core::plugin::{AdapterSpec, BuildContext};
 use softalign_core::site::SiteHook;
+use softalign_core::site::{SiteSelector, TokenSpace};
 use softalign_core::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -41,6 +44,37 @@ pub struct BenchInputs<'a> {
     pub adapter: Box<dyn Adapter>,
     pub warmup: usize,
     pub iters: usize,
+}
+
+/// The soft tokens the benches time: `tokens` per site at `sites` (joint space, N(0, 0.02)),
+/// one token set, an optional time table.
+pub fn bench_tokens(
+    backbone: &dyn Backbone,
+    tokens: i64,
+    sites: SiteSelector,
+    time_buckets: i64,
+    shared_time_row: bool,
+) -> Result<Box<dyn Adapter>> {
+    let spec = SoftTokensSpec {
+        tokens,
+        sites,
+        time_buckets,
+        shared_time_row,
+        shared_tokens: false,
+        token_space: TokenSpace::Joint,
+        init: Default::default(),
+        time_init_std: 0.02,
+        sets: vec!["default".into()],
+        ema: false,
+        ema_decay: 0.9999,
+        ema_init: Default::default(),
+    };
+    let ctx = BuildContext {
+        device: backbone.device(),
+        recipe_dir: ".".into(),
+        dtype_override: None,
+    };
+    spec.build(backbone.info(), &ctx)
 }
 
 pub fn time_cases(b: &BenchInputs<'_>, mut report: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {

@@ -44,9 +44,10 @@ fn tok_err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::invalid(format!("{what}: {e}"))
 }
 
-/// The pad token a transformers tokenizer folder names in special_tokens_map.json or
-/// tokenizer_config.json (a string, or an AddedToken object with `content`).
-fn pad_token_of_folder(dir: &Path) -> Result<Option<String>> {
+/// A special token (`pad_token`, ...) a transformers tokenizer folder names in
+/// special_tokens_map.json or tokenizer_config.json (a string, or an AddedToken object with
+/// `content`). Shared by the CLIP and T5 tokenizers.
+pub(crate) fn named_token(dir: &Path, key: &str) -> Result<Option<String>> {
     for name in ["special_tokens_map.json", "tokenizer_config.json"] {
         let path = dir.join(name);
         if !path.is_file() {
@@ -55,15 +56,15 @@ fn pad_token_of_folder(dir: &Path) -> Result<Option<String>> {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
-        let pad = match json.get("pad_token") {
+        let tok = match json.get(key) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(serde_json::Value::Object(o)) => {
                 o.get("content").and_then(|c| c.as_str()).map(String::from)
             }
             _ => None,
         };
-        if pad.is_some() {
-            return Ok(pad);
+        if tok.is_some() {
+            return Ok(tok);
         }
     }
     Ok(None)
@@ -80,7 +81,7 @@ impl ClipTokenizer {
         let pad = match inner.get_padding() {
             Some(p) => Some(p.pad_token.clone()),
             None => match path.parent() {
-                Some(dir) => pad_token_of_folder(dir)?,
+                Some(dir) => named_token(dir, "pad_token")?,
                 None => None,
             },
         };
@@ -106,7 +107,7 @@ impl ClipTokenizer {
             ));
         }
         let inner = bpe_from_files(&vocab, &merges)?;
-        let pad = pad_token_of_folder(dir)?;
+        let pad = named_token(dir, "pad_token")?;
         Self::from_tokenizer(inner, max_length, pad.as_deref().unwrap_or(EOS))
             .map_err(|e| Error::file(dir, e))
     }

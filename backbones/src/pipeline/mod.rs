@@ -1,6 +1,38 @@
 //! Full diffusers pipeline folders behind the `sd3` and `unet` backbones: the text encoders,
 //! tokenizers and VAE named by `model_index.json`, building conditioning exactly as diffusers'
 //! `encode_prompt` does, latents as its VAE does, and a fingerprint for the encoding cache.
+/// The `Backbone` methods a denoiser built from a pipeline folder hands to its
+/// [`PipelineParts`] (text conditioning, VAE, fingerprint). Used inside `impl Backbone for X`,
+/// where `X::parts(&self) -> Result<&PipelineParts>` says what is missing when there is none.
+macro_rules! delegate_to_pipeline {
+    () => {
+        fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
+            self.parts()?.encode_prompts(prompts)
+        }
+
+        fn null_conditioning(&self) -> Result<Conditioning> {
+            self.parts()?.null_conditioning()
+        }
+
+        fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
+            self.parts()?.encode_images(images)
+        }
+
+        fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+            self.parts()?.image_posterior(images)
+        }
+
+        fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
+            Ok(self.parts()?.fingerprint())
+        }
+
+        fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+            self.parts()?.decode(samples)
+        }
+    };
+}
+pub(crate) use delegate_to_pipeline;
+
 pub mod estimate;
 pub mod folder;
 pub mod image;

@@ -1,17 +1,15 @@
 //! Timing of the MMDiT forward and forward+backward, with and without soft tokens.
 
-use softalign_core::adapter::soft_tokens::SoftTokensSpec;
-use softalign_core::backbone::{Backbone, Conditioning};
+use softalign_core::backbone::Conditioning;
 use softalign_core::dtype::DType;
-use softalign_core::plugin::{AdapterSpec, BuildContext};
-use softalign_core::site::{SiteSelector, TokenSpace};
+use softalign_core::site::SiteSelector;
 use softalign_core::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::Sd3Config;
 use super::flow_match::{FlowMatch, TimestepSampling};
 use super::spec::Sd3Backbone;
-use crate::bench::{time_cases, BenchInputs};
+use crate::bench::{bench_tokens, time_cases, BenchInputs};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -91,31 +89,18 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
             "pooled_projections",
             Tensor::randn([cfg.batch, m.pooled_projection_dim], (kind, dev)),
         );
-    let spec = SoftTokensSpec {
-        tokens: cfg.tokens,
-        sites: SiteSelector::One(format!("joint_blocks[0..{}]", cfg.token_blocks)),
-        time_buckets: 100,
-        shared_time_row: false,
-        shared_tokens: false,
-        token_space: TokenSpace::Joint,
-        init: Default::default(),
-        time_init_std: 0.02,
-        sets: vec!["default".into()],
-        ema: false,
-        ema_decay: 0.9999,
-        ema_init: Default::default(),
-    };
-    let ctx = BuildContext {
-        device: dev,
-        recipe_dir: ".".into(),
-        dtype_override: None,
-    };
     let inputs = BenchInputs {
         backbone: &bb,
         x,
         t,
         cond,
-        adapter: spec.build(bb.info(), &ctx)?,
+        adapter: bench_tokens(
+            &bb,
+            cfg.tokens,
+            SiteSelector::One(format!("joint_blocks[0..{}]", cfg.token_blocks)),
+            100,
+            false,
+        )?,
         warmup: cfg.warmup,
         iters: cfg.iters,
     };

@@ -307,29 +307,7 @@ impl Backbone for Sd3Backbone {
         &mut self.vs
     }
 
-    fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
-        self.parts()?.encode_prompts(prompts)
-    }
-
-    fn null_conditioning(&self) -> Result<Conditioning> {
-        self.parts()?.null_conditioning()
-    }
-
-    fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
-        self.parts()?.encode_images(images)
-    }
-
-    fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        self.parts()?.image_posterior(images)
-    }
-
-    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
-        Ok(self.parts()?.fingerprint())
-    }
-
-    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
-        self.parts()?.decode(samples)
-    }
+    crate::pipeline::delegate_to_pipeline!();
 
     /// The transformer's `sample_size` (latent side of the released resolution).
     fn sample_shape(&self) -> Option<[i64; 3]> {

@@ -35,29 +35,6 @@ impl std::fmt::Debug for T5Tokenizer {
     }
 }
 
-fn named_token(dir: &Path, key: &str) -> Result<Option<String>> {
-    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-        let path = dir.join(name);
-        if !path.is_file() {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
-        let tok = match json.get(key) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => {
-                o.get("content").and_then(|c| c.as_str()).map(String::from)
-            }
-            _ => None,
-        };
-        if tok.is_some() {
-            return Ok(tok);
-        }
-    }
-    Ok(None)
-}
-
 impl T5Tokenizer {
     /// Loads a tokenizer.json; `path` may also be the tokenizer folder. The pad token is the one
     /// the file's own padding names, else `pad_token` of the folder's special_tokens_map.json /
@@ -71,7 +48,7 @@ impl T5Tokenizer {
         let pad = match inner.get_padding() {
             Some(p) => Some(p.pad_token.clone()),
             None => match path.parent() {
-                Some(dir) => named_token(dir, "pad_token")?,
+                Some(dir) => crate::clip::tokenizer::named_token(dir, "pad_token")?,
                 None => None,
             },
         };

@@ -1,16 +1,14 @@
 //! Timing of the UNet forward and forward+backward, with and without soft tokens.
 
-use softalign_core::adapter::soft_tokens::SoftTokensSpec;
-use softalign_core::backbone::{Backbone, Conditioning, Prediction};
+use softalign_core::backbone::{Conditioning, Prediction};
 use softalign_core::dtype::DType;
-use softalign_core::plugin::{AdapterSpec, BuildContext};
-use softalign_core::site::{SiteSelector, TokenSpace};
+use softalign_core::site::SiteSelector;
 use softalign_core::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{PerBlock, UNetConfig};
 use super::spec::{UNetBackbone, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS};
-use crate::bench::{time_cases, BenchInputs, BenchRow};
+use crate::bench::{bench_tokens, time_cases, BenchInputs, BenchRow};
 use crate::schedulers::ddpm::{BetaConfig, DdpmNoise};
 
 #[derive(Debug, Clone)]
@@ -84,31 +82,18 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
             .with(TEXT_EMBEDS, Tensor::randn([cfg.batch, p], (kind, dev)))
             .with(TIME_IDS, ids);
     }
-    let spec = SoftTokensSpec {
-        tokens: cfg.tokens,
-        sites: SiteSelector::Many(cfg.sites.clone()),
-        time_buckets: 0,
-        shared_time_row: true,
-        shared_tokens: false,
-        token_space: TokenSpace::Joint,
-        init: Default::default(),
-        time_init_std: 0.02,
-        sets: vec!["default".into()],
-        ema: false,
-        ema_decay: 0.9999,
-        ema_init: Default::default(),
-    };
-    let ctx = BuildContext {
-        device: dev,
-        recipe_dir: ".".into(),
-        dtype_override: None,
-    };
     let inputs = BenchInputs {
         backbone: &bb,
         x,
         t,
         cond,
-        adapter: spec.build(bb.info(), &ctx)?,
+        adapter: bench_tokens(
+            &bb,
+            cfg.tokens,
+            SiteSelector::Many(cfg.sites.clone()),
+            0,
+            true,
+        )?,
         warmup: cfg.warmup,
         iters: cfg.iters,
     };

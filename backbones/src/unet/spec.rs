@@ -418,29 +418,7 @@ impl Backbone for UNetBackbone {
         c.sample_hw().map(|(h, w)| [c.in_channels, h, w])
     }
 
-    fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning> {
-        self.parts()?.encode_prompts(prompts)
-    }
-
-    fn null_conditioning(&self) -> Result<Conditioning> {
-        self.parts()?.null_conditioning()
-    }
-
-    fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
-        self.parts()?.encode_images(images)
-    }
-
-    fn image_posterior(&self, images: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        self.parts()?.image_posterior(images)
-    }
-
-    fn encoder_fingerprint(&self) -> Result<serde_json::Value> {
-        Ok(self.parts()?.fingerprint())
-    }
-
-    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
-        self.parts()?.decode(samples)
-    }
+    crate::pipeline::delegate_to_pipeline!();
 
     fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
         self.parts()?.sample_shape_for(height, width)
