@@ -1,9 +1,12 @@
 //! `softalign cache` on an image manifest through the shapes model's encoders, then training
 //! from the cache: records hold what the encoders produce, an interrupted cache resumes to the
 //! same bytes, other settings are refused, and training reads it.
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::{softalign_train, world_image_manifest};
 use softalign_backbones::sd3::{FlowMatch, TimestepSampling};
 use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
 use softalign_core::backbone::Backbone;
@@ -52,30 +55,11 @@ fn softalign(args: &[&str], recipe: &Path) -> Output {
         .unwrap()
 }
 
-/// Six world images (captions from the world) and a corrupt one in the middle.
-fn manifest(dir: &Path) -> Vec<softalign_worlds::shapes::TrainExample> {
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let examples = softalign_worlds::shapes::train_split(6, 0);
-    let mut lines = Vec::new();
-    for (i, ex) in examples.iter().enumerate() {
-        if i == 3 {
-            std::fs::write(data.join("broken.png"), b"\x89PNG truncated").unwrap();
-            lines.push(r#"{"image": "broken.png", "caption": "a red circle"}"#.to_string());
-        }
-        let name = format!("{i}.png");
-        ex.image.save(data.join(&name)).unwrap();
-        let captions = serde_json::to_string(&ex.captions).unwrap();
-        lines.push(format!(r#"{{"image": "{name}", "captions": {captions}}}"#));
-    }
-    std::fs::write(data.join("train.jsonl"), lines.join("\n")).unwrap();
-    examples
-}
-
 #[test]
 fn cache_resume_refuse_and_train() {
     let dir = tempfile::tempdir().unwrap();
-    let examples = manifest(dir.path());
+    // Six world images and a corrupt one in the middle (record 3).
+    let examples = world_image_manifest(dir.path(), 6, 3);
     let recipe = dir.path().join("r.toml");
     std::fs::write(&recipe, RECIPE).unwrap();
 
@@ -157,13 +141,7 @@ fn cache_resume_refuse_and_train() {
 
     // Training reads it.
     let run = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
-        .args(["train", "--quiet", "--recipe"])
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = softalign_train(&recipe, &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

@@ -1,7 +1,8 @@
 //! Full-parameter `softalign train` on the shapes preset: a few steps on a tiny split write a
 //! pipeline folder that loads, whose weights moved from the initial ones, text tower included.
-use std::process::Command;
+mod common;
 
+use common::{softalign_train, world_image_manifest};
 use softalign_backbones::sd3::{FlowMatch, TimestepSampling};
 use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
 use softalign_core::backbone::Backbone;
@@ -42,13 +43,7 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
     let recipe = dir.path().join("smoke.toml");
     std::fs::write(&recipe, RECIPE).unwrap();
     let run = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
-        .args(["train", "--quiet", "--recipe"])
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = softalign_train(&recipe, &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -100,21 +95,7 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
 #[test]
 fn soft_tokens_train_on_an_image_manifest_and_skip_a_corrupt_file() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut lines = Vec::new();
-    for (i, ex) in softalign_worlds::shapes::train_split(6, 0)
-        .iter()
-        .enumerate()
-    {
-        let name = format!("{i}.png");
-        ex.image.save(data.join(&name)).unwrap();
-        let captions = serde_json::to_string(&ex.captions).unwrap();
-        lines.push(format!(r#"{{"image": "{name}", "captions": {captions}}}"#));
-    }
-    std::fs::write(data.join("broken.png"), b"\x89PNG truncated").unwrap();
-    lines.push(r#"{"image": "broken.png", "caption": "a red circle"}"#.into());
-    std::fs::write(data.join("train.jsonl"), lines.join("\n")).unwrap();
+    world_image_manifest(dir.path(), 6, 6);
     let recipe = dir.path().join("manifest.toml");
     std::fs::write(
         &recipe,
@@ -149,13 +130,7 @@ lr = 1e-2
     )
     .unwrap();
     let run = dir.path().join("run");
-    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
-        .args(["train", "--quiet", "--recipe"])
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = softalign_train(&recipe, &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Seven distinct images are asked for and only six read: the batch cannot be filled, and
     // the run says so, naming the broken file, instead of repeating an image.
@@ -170,13 +145,7 @@ lr = 1e-2
     )
     .unwrap();
     let run = dir.path().join("run2");
-    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
-        .args(["train", "--quiet", "--recipe"])
-        .arg(&recipe)
-        .arg("--run-dir")
-        .arg(&run)
-        .output()
-        .unwrap();
+    let out = softalign_train(&recipe, &run);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

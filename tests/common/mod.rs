@@ -65,3 +65,40 @@ impl Fixtures {
         .expect("io tensors")
     }
 }
+
+/// `<dir>/data/train.jsonl`, an image manifest: the first `n` shapes-world training examples as
+/// PNGs with their captions, and a corrupt `broken.png` listed at position `broken_at` (0..=n).
+pub fn world_image_manifest(
+    dir: &Path,
+    n: usize,
+    broken_at: usize,
+) -> Vec<softalign_worlds::shapes::TrainExample> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let examples = softalign_worlds::shapes::train_split(n, 0);
+    let mut lines = Vec::new();
+    for (i, ex) in examples.iter().enumerate() {
+        let name = format!("{i}.png");
+        ex.image.save(data.join(&name)).unwrap();
+        let captions = serde_json::to_string(&ex.captions).unwrap();
+        lines.push(format!(r#"{{"image": "{name}", "captions": {captions}}}"#));
+    }
+    std::fs::write(data.join("broken.png"), b"\x89PNG truncated").unwrap();
+    lines.insert(
+        broken_at,
+        r#"{"image": "broken.png", "caption": "a red circle"}"#.into(),
+    );
+    std::fs::write(data.join("train.jsonl"), lines.join("\n")).unwrap();
+    examples
+}
+
+/// `softalign train --quiet --recipe <recipe> --run-dir <run_dir>`, not checked.
+pub fn softalign_train(recipe: &Path, run_dir: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["train", "--quiet", "--recipe"])
+        .arg(recipe)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()
+        .unwrap()
+}
