@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use image::RgbImage;
-use softalign_worlds::geneval::{prompt_dir, EvalPrompt, ImageResult, Summary, Tag};
+use softalign_worlds::geneval::{EvalPrompt, ImageResult, Summary};
 
+use super::compare_grid::{labelled_grid, paired_rows};
 use super::eval::{evaluate, PromptSet};
 use super::generate::GenSettings;
-use super::grid::{grid, save_png};
+use super::grid::save_png;
 use super::model::{Model, ModelArgs};
 use super::paired::{paired, PairedRow};
 use super::report::{report_markdown, text_table, Column, ReportInput};
@@ -25,15 +25,17 @@ pub struct Args {
     /// The run folder (default: runs/demo-<UTC timestamp>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The base model folder.
-    #[arg(long, default_value = "assets/shapes-base")]
+    /// The base model: `shapes-mmdit` (the SD3-style MMDiT), `shapes-unet` (the SD1.5-style
+    /// UNet), both shipped in assets/, or a model folder.
+    #[arg(long, default_value = "shapes-mmdit")]
     pub base: PathBuf,
-    /// The SoftREPA recipe.
-    #[arg(long, default_value = "recipes/shapes/softrepa.toml")]
-    pub softrepa: PathBuf,
-    /// The AGSM recipe.
-    #[arg(long, default_value = "recipes/shapes/agsm.toml")]
-    pub agsm: PathBuf,
+    /// The SoftREPA recipe (default: recipes/shapes/softrepa.toml for an MMDiT base,
+    /// recipes/shapes/unet-softrepa.toml for a UNet base).
+    #[arg(long)]
+    pub softrepa: Option<PathBuf>,
+    /// The AGSM recipe (default: recipes/shapes/agsm.toml, or unet-agsm.toml for a UNet base).
+    #[arg(long)]
+    pub agsm: Option<PathBuf>,
     /// Optimizer steps per recipe (default: each recipe's own `train.steps`).
     #[arg(long)]
     pub train_steps: Option<u64>,
@@ -53,19 +55,25 @@ pub struct Args {
     /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// The scheduler's shift (default: the SoftREPA recipe's `[sampler]`, else 1).
+    /// FlowMatch Euler's shift, for an MMDiT base (default: the SoftREPA recipe's
+    /// `[sampler]`, else 1).
     #[arg(long)]
     pub shift: Option<f64>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 4.0)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale (default: the SoftREPA recipe's `[sampler] guidance`,
+    /// else 4).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// Noise seed shared by every model.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Images per backbone forward.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// Prompts shown in the grids: the first this many of each category.
+    /// Rows of images the recipe fixed, and of images it broke, shown in each grid (the rest
+    /// are counted in a last row).
+    #[arg(long, default_value_t = 16)]
+    pub grid_changed: usize,
+    /// Unchanged images per category shown after them, for comparison.
     #[arg(long, default_value_t = 1)]
     pub grid_per_tag: usize,
     #[arg(long)]
@@ -75,24 +83,14 @@ pub struct Args {
 /// One model's column in the comparison.
 struct Evaluated {
     name: String,
-    dir: PathBuf,
     results: Vec<ImageResult>,
     summary: Summary,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let start = Instant::now();
-    if !a.base.is_dir() {
-        bail!(
-            "{}: no base model there (the repository ships it under assets/shapes-base; pass \
-             --base DIR for another)",
-            a.base.display()
-        );
-    }
-    let base = a
-        .base
-        .canonicalize()
-        .with_context(|| format!("resolving {}", a.base.display()))?;
+    let base = resolve_base(&a.base)?;
+    let recipes = Recipes::for_base(&a, &base);
     let out = a
         .out
         .clone()
@@ -104,15 +102,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let gen = gen_settings(&a)?;
+    let gen = gen_settings(&a, &recipes.softrepa)?;
     let prompts = a.prompt_set.prompts();
     eprintln!(
-        "demo -> {}: base {}, {} held-out prompts x {} images, {} sampling steps",
+        "demo -> {}: base {}, {} held-out prompts x {} images, {} sampling steps, guidance {}",
         out.display(),
         base.display(),
         prompts.len(),
         gen.n,
-        gen.steps.unwrap_or_default()
+        gen.steps.unwrap_or_default(),
+        gen.guidance.unwrap_or_default()
     );
     let mut timings: Vec<(String, f64)> = Vec::new();
     let mut evaluated = Vec::new();
@@ -130,7 +129,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &mut timings,
     )?);
     let mut train_steps = Vec::new();
-    for (name, recipe) in [("SoftREPA", a.softrepa.clone()), ("AGSM", a.agsm.clone())] {
+    for (name, recipe) in [
+        ("SoftREPA", recipes.softrepa.clone()),
+        ("AGSM", recipes.agsm.clone()),
+    ] {
         let slug = name.to_lowercase();
         let t = Instant::now();
         let steps = match a.minutes_per_recipe {
@@ -173,29 +175,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         )?);
     }
     let t = Instant::now();
-    let grid_rows = grid_prompts(&prompts, a.grid_per_tag);
-    let per_row = gen.n.min(4);
     let mut grids = Vec::new();
     for e in &evaluated[1..] {
         let file = format!(
             "grid-base-vs-{}.png",
             e.name.trim_start_matches('+').to_lowercase()
         );
-        let rows = grid_rows
-            .iter()
-            .map(|&p| {
-                Ok(vec![
-                    read_samples(&evaluated[0].dir, p, per_row)?,
-                    read_samples(&e.dir, p, per_row)?,
-                ])
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        save_png(&grid(&rows, 4)?, &out.join(&file))?;
+        let rows = paired_rows(
+            &evaluated[0].results,
+            &e.results,
+            &e.name,
+            a.grid_changed,
+            a.grid_per_tag,
+        )?;
+        let cols = vec!["base".to_string(), e.name.clone()];
+        save_png(&labelled_grid(&cols, &rows, 3)?, &out.join(&file))?;
         grids.push((
             file,
             format!(
-                "Left: base; right: {} (same noise seeds per column).",
-                e.name
+                "Each row: one prompt and noise seed, base left, {} right; frames green where \
+                 the scorer judged the image correct, red where wrong. Images {} fixed come \
+                 first, then those it broke, then unchanged examples per category.",
+                e.name, e.name
             ),
         ));
     }
@@ -213,17 +214,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .iter()
         .map(|e| (e.name.clone(), paired(&evaluated[0].results, &e.results)))
         .collect();
-    let settings = settings(&a, &gen, &base, &prompts, &train_steps);
+    let settings = settings(&a, &recipes, &gen, &base, &prompts, &train_steps);
     let report = report_markdown(&ReportInput {
         cols: &cols,
         settings: &settings,
         timings: &timings,
         grids: &grids,
         paired: &paired_rows,
-        grid_prompts: &grid_rows
-            .iter()
-            .map(|&p| prompts[p].prompt.clone())
-            .collect::<Vec<_>>(),
+        grid_prompts: &[],
     });
     std::fs::write(out.join("report.md"), report)?;
     std::fs::write(out.join("table.txt"), &table)?;
@@ -286,7 +284,6 @@ fn eval_one(
     ));
     Ok(Evaluated {
         name: name.to_string(),
-        dir,
         results,
         summary,
     })
@@ -311,26 +308,82 @@ fn train_args(a: &Args, recipe: &Path, base: &Path, steps: u64, run_dir: &Path) 
     }
 }
 
+/// The two recipes the demo trains.
+struct Recipes {
+    softrepa: PathBuf,
+    agsm: PathBuf,
+}
+
+impl Recipes {
+    /// The command line's, else the shipped recipes for the base's denoiser.
+    fn for_base(a: &Args, base: &Path) -> Self {
+        let unet = base.join("unet").join("config.json").is_file();
+        let (s, g) = if unet {
+            (UNET_SOFTREPA, UNET_AGSM)
+        } else {
+            (MMDIT_SOFTREPA, MMDIT_AGSM)
+        };
+        Self {
+            softrepa: a.softrepa.clone().unwrap_or_else(|| PathBuf::from(s)),
+            agsm: a.agsm.clone().unwrap_or_else(|| PathBuf::from(g)),
+        }
+    }
+}
+
+const MMDIT_SOFTREPA: &str = "recipes/shapes/softrepa.toml";
+const MMDIT_AGSM: &str = "recipes/shapes/agsm.toml";
+const UNET_SOFTREPA: &str = "recipes/shapes/unet-softrepa.toml";
+const UNET_AGSM: &str = "recipes/shapes/unet-agsm.toml";
+
+/// `--base`: a folder, or the name of a base shipped in assets/.
+fn resolve_base(base: &Path) -> anyhow::Result<PathBuf> {
+    let shipped = Path::new("assets").join(base);
+    let dir = if base.is_dir() {
+        base.to_path_buf()
+    } else if base.components().count() == 1 && shipped.is_dir() {
+        shipped
+    } else {
+        bail!(
+            "{}: no base model there (the repository ships assets/shapes-mmdit and \
+             assets/shapes-unet; pass --base shapes-unet, or a model folder)",
+            base.display()
+        );
+    };
+    dir.canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))
+}
+
 /// Sampling settings: the command line's, else the SoftREPA recipe's `[sampler]` (the
-/// schedule its author chose for this model).
-fn gen_settings(a: &Args) -> anyhow::Result<GenSettings> {
-    let recipe = softalign_core::recipe::load(&a.softrepa, &[])?;
+/// schedule and guidance its author chose for this model). A DDIM sampler takes its schedule
+/// from the model folder's scheduler_config.json and only its steps from the recipe.
+fn gen_settings(a: &Args, softrepa: &Path) -> anyhow::Result<GenSettings> {
+    let recipe = softalign_core::recipe::load(softrepa, &[])?;
     let sampler = recipe.json.get("sampler");
     let field = |k: &str| sampler.and_then(|s| s.get(k)).cloned();
+    let flow =
+        field("type").and_then(|v| v.as_str().map(str::to_string)) != Some("ddim".to_string());
     let steps = match a.steps {
         Some(s) => s,
         None => field("steps").and_then(|v| v.as_u64()).unwrap_or(20) as usize,
     };
-    let shift = match a.shift {
-        Some(s) => s,
-        None => field("shift").and_then(|v| v.as_f64()).unwrap_or(1.0),
+    let shift = match (a.shift, flow) {
+        (Some(_), false) => {
+            bail!("--shift is a FlowMatch Euler setting; this base samples with DDIM")
+        }
+        (Some(s), true) => Some(s),
+        (None, true) => Some(field("shift").and_then(|v| v.as_f64()).unwrap_or(1.0)),
+        (None, false) => None,
+    };
+    let guidance = match a.guidance {
+        Some(g) => g,
+        None => field("guidance").and_then(|v| v.as_f64()).unwrap_or(4.0),
     };
     Ok(GenSettings {
         n: a.n,
         seed: a.seed,
         steps: Some(steps),
-        guidance: Some(a.guidance),
-        shift: Some(shift),
+        guidance: Some(guidance),
+        shift,
         batch: a.batch,
         height: None,
         width: None,
@@ -356,36 +409,9 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// Indices of the first `per_tag` prompts of each category.
-fn grid_prompts(prompts: &[EvalPrompt], per_tag: usize) -> Vec<usize> {
-    Tag::ALL
-        .iter()
-        .flat_map(|t| {
-            prompts
-                .iter()
-                .enumerate()
-                .filter(move |(_, p)| p.tag == *t)
-                .map(|(i, _)| i)
-                .take(per_tag)
-        })
-        .collect()
-}
-
-fn read_samples(dir: &Path, prompt: usize, n: usize) -> anyhow::Result<Vec<RgbImage>> {
-    (0..n)
-        .map(|k| {
-            let p = prompt_dir(dir, prompt)
-                .join("samples")
-                .join(format!("{k:04}.png"));
-            Ok(image::open(&p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .to_rgb8())
-        })
-        .collect()
-}
-
 fn settings(
     a: &Args,
+    recipes: &Recipes,
     gen: &GenSettings,
     base: &Path,
     prompts: &[EvalPrompt],
@@ -405,21 +431,28 @@ fn settings(
         (
             "sampling".into(),
             format!(
-                "{} images per prompt, FlowMatch Euler {} steps, shift {}, guidance {}, noise seed {}",
+                "{} images per prompt, {}, guidance {}, noise seed {}",
                 gen.n,
-                gen.steps.unwrap_or_default(),
-                gen.shift.unwrap_or_default(),
+                match gen.shift {
+                    Some(shift) => format!(
+                        "FlowMatch Euler {} steps, shift {shift}",
+                        gen.steps.unwrap_or_default()
+                    ),
+                    None => format!(
+                        "DDIM {} steps (the model's scheduler_config.json)",
+                        gen.steps.unwrap_or_default()
+                    ),
+                },
                 gen.guidance.unwrap_or_default(),
                 gen.seed
             ),
         ),
         (
             "token use at sampling".into(),
-            "SoftREPA: its tokens in both guidance branches; AGSM: the positive set in both"
-                .into(),
+            "SoftREPA: its tokens in both guidance branches; AGSM: the positive set in both".into(),
         ),
     ];
-    for ((name, steps, loss), recipe) in train.iter().zip([&a.softrepa, &a.agsm]) {
+    for ((name, steps, loss), recipe) in train.iter().zip([&recipes.softrepa, &recipes.agsm]) {
         s.push((
             format!("{name} training"),
             format!(

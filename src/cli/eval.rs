@@ -101,6 +101,12 @@ pub fn evaluate(
         let json = serde_json::to_string_pretty(&summary)?;
         std::fs::write(out.join("summary.json"), json + "\n")?;
         std::fs::write(out.join("summary.txt"), summary.to_text())?;
+        // The first image of each prompt, framed green (correct) or red (wrong).
+        let tiles = super::compare_grid::first_images(&results)?;
+        if !tiles.is_empty() {
+            let g = super::compare_grid::verdict_grid(&tiles, 16, 2)?;
+            super::grid::save_png(&g, &out.join("grid.png"))?;
+        }
         Some((results, summary))
     } else {
         None

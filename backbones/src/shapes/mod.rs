@@ -9,6 +9,6 @@ pub mod spec;
 
 pub use config::{world_tokenizer, ShapesConfig};
 pub use data::{ShapesData, ShapesDataSpec};
-pub use model::ShapesBackbone;
+pub use model::{ShapesBackbone, ShapesNoise};
 pub use softalign_worlds::shapes as world;
 pub use spec::ShapesSpec;

@@ -1,13 +1,13 @@
 //! `ShapesBackbone`: the shapes world's text-to-image denoiser. One VarStore holds both
 //! sub-models under the pipeline's folder names (`text_encoder.text_model.*`,
-//! `text_encoder.text_projection.weight`, `transformer.*`), so full-parameter training trains
-//! the text tower and the MMDiT jointly.
+//! `text_encoder.text_projection.weight`, `transformer.*` or `unet.*`), so full-parameter
+//! training trains the text tower and the denoiser jointly.
 //!
 //! Conditioning is `input_ids` (B, L). The forward encodes them with the CLIP tower and feeds
-//! the MMDiT `last_hidden_state` as `encoder_hidden_states` and `text_projection(pooled)` as
-//! `pooled_projections`. The last layer (not SD3's penultimate) because the tower is trained
-//! from scratch together with the MMDiT: the penultimate would leave its last layer training
-//! for the pooled vector only.
+//! the denoiser `last_hidden_state` as `encoder_hidden_states` (and, for the MMDiT,
+//! `text_projection(pooled)` as `pooled_projections`). The last layer (not SD3's penultimate)
+//! because the tower is trained from scratch together with the denoiser: the penultimate would
+//! leave its last layer training for the pooled vector only.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -19,29 +19,73 @@ use softalign_core::{Error, Result};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::config::ShapesConfig;
+use super::config::{unet_betas, Denoiser, ShapesConfig, TRANSFORMER, UNET};
 use crate::clip::{ClipTextTransformer, ClipTokenizer, InitMode, TextEncoder, TOWER_PREFIX};
-use crate::sd3::transformer::sites;
+use crate::schedulers::ddpm::DdpmNoise;
 use crate::sd3::{FlowMatch, Sd3Backbone, Sd3Transformer2DModel};
+use crate::unet::{UNet2DConditionModel, UNetBackbone};
 use crate::weights::AllowList;
 
 pub const KIND: &str = "shapes";
 /// The one conditioning tensor the forward takes.
 pub const INPUT_IDS: &str = "input_ids";
 pub const TEXT_ENCODER: &str = "text_encoder";
-pub const TRANSFORMER: &str = "transformer";
 pub const TOKENIZER_FILE: &str = "tokenizer/tokenizer.json";
 /// `model_index.json`'s class name for this pipeline (no diffusers class runs it as a whole;
 /// each sub-folder loads with its own diffusers / transformers class).
 pub const PIPELINE_CLASS: &str = "SoftalignShapesPipeline";
 
-pub fn info(cfg: &ShapesConfig) -> BackboneInfo {
-    BackboneInfo {
-        kind: KIND.into(),
-        prediction: Prediction::Velocity,
-        sites: sites(&cfg.transformer),
-        conditioning: vec![INPUT_IDS.to_string()],
+pub fn prediction(cfg: &ShapesConfig) -> Prediction {
+    match cfg.denoiser {
+        Denoiser::Transformer(_) => Prediction::Velocity,
+        Denoiser::Unet(_) => Prediction::Epsilon,
     }
+}
+
+pub fn info(cfg: &ShapesConfig) -> Result<BackboneInfo> {
+    let sites = match &cfg.denoiser {
+        Denoiser::Transformer(t) => crate::sd3::transformer::sites(t),
+        Denoiser::Unet(u) => crate::unet::unet_2d_condition::sites(u)?,
+    };
+    Ok(BackboneInfo {
+        kind: KIND.into(),
+        prediction: prediction(cfg),
+        sites,
+        conditioning: vec![INPUT_IDS.to_string()],
+    })
+}
+
+/// The training noise: rectified flow for the MMDiT, DDPM for the UNet.
+#[derive(Debug)]
+pub enum ShapesNoise {
+    Flow(FlowMatch),
+    Ddpm(DdpmNoise),
+}
+
+impl ShapesNoise {
+    fn get(&self) -> &dyn NoiseProcess {
+        match self {
+            Self::Flow(f) => f,
+            Self::Ddpm(d) => d,
+        }
+    }
+}
+
+impl NoiseProcess for ShapesNoise {
+    fn add_noise(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor {
+        self.get().add_noise(x0, eps, t)
+    }
+    fn target(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor {
+        self.get().target(x0, eps, t)
+    }
+    fn sample_timesteps(&self, n: i64, device: Device) -> Tensor {
+        self.get().sample_timesteps(n, device)
+    }
+}
+
+enum DenoiserModel {
+    Transformer(Sd3Transformer2DModel),
+    Unet(UNet2DConditionModel),
 }
 
 pub struct ShapesBackbone {
@@ -49,10 +93,10 @@ pub struct ShapesBackbone {
     config: ShapesConfig,
     vs: VarStore,
     text: ClipTextTransformer,
-    text_projection: nn::Linear,
-    transformer: Sd3Transformer2DModel,
+    text_projection: Option<nn::Linear>,
+    denoiser: DenoiserModel,
     tokenizer: ClipTokenizer,
-    noise: FlowMatch,
+    noise: ShapesNoise,
 }
 
 impl std::fmt::Debug for ShapesBackbone {
@@ -66,13 +110,13 @@ impl std::fmt::Debug for ShapesBackbone {
 /// Zeroes the variables under `prefixes`: DiT's initialisation (Peebles & Xie 2023, 3.2), every
 /// block's adaLN modulation and the output layer start at zero, so each joint block starts as
 /// the identity and the first prediction is 0.
-fn dit_zero_init(vs: &VarStore, cfg: &ShapesConfig) {
+fn dit_zero_init(vs: &VarStore, num_layers: i64) {
     let _guard = tch::no_grad_guard();
     let mut prefixes = vec![
         format!("{TRANSFORMER}.norm_out.linear."),
         format!("{TRANSFORMER}.proj_out."),
     ];
-    for i in 0..cfg.transformer.num_layers {
+    for i in 0..num_layers {
         for n in ["norm1", "norm1_context"] {
             prefixes.push(format!("{TRANSFORMER}.transformer_blocks.{i}.{n}.linear."));
         }
@@ -84,12 +128,39 @@ fn dit_zero_init(vs: &VarStore, cfg: &ShapesConfig) {
     }
 }
 
+/// The training noise of a denoiser: `flow` for an MMDiT; for a UNet the DDPM schedule of its
+/// folder's scheduler_config.json (or the preset's, [`unet_betas`]), epsilon prediction.
+fn noise_for(cfg: &ShapesConfig, dir: Option<&Path>, flow: FlowMatch) -> Result<ShapesNoise> {
+    match cfg.denoiser {
+        Denoiser::Transformer(_) => Ok(ShapesNoise::Flow(flow)),
+        Denoiser::Unet(_) => {
+            let betas = match dir {
+                Some(d) if d.join("scheduler/scheduler_config.json").is_file() => {
+                    let (betas, pred) = crate::unet::spec::scheduler_settings(d)?;
+                    if pred.is_some_and(|p| p != Prediction::Epsilon) {
+                        return Err(Error::file(
+                            d.join("scheduler/scheduler_config.json"),
+                            "the shapes UNet predicts epsilon (`prediction_type` = \"epsilon\")",
+                        ));
+                    }
+                    betas
+                }
+                _ => unet_betas(),
+            };
+            Ok(ShapesNoise::Ddpm(DdpmNoise::new(
+                betas,
+                Prediction::Epsilon,
+            )?))
+        }
+    }
+}
+
 impl ShapesBackbone {
     fn build(
         cfg: &ShapesConfig,
         tokenizer: ClipTokenizer,
         device: Device,
-        noise: FlowMatch,
+        noise: ShapesNoise,
         init: InitMode,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -105,36 +176,45 @@ impl ShapesBackbone {
         let te = &root / TEXT_ENCODER;
         let text = ClipTextTransformer::new(&te / TOWER_PREFIX, &cfg.text_encoder, init)?;
         let width = cfg.text_encoder.hidden_size;
-        let proj = cfg.text_encoder.projection_dim.unwrap_or(width);
         // transformers' init for text_projection: normal(std = hidden_size^-0.5), no bias.
         let std = (width as f64).powf(-0.5);
-        let text_projection =
-            crate::clip::model::linear(&te / "text_projection", width, proj, false, std, init);
-        let transformer = Sd3Transformer2DModel::new(&root / TRANSFORMER, &cfg.transformer)?;
+        let text_projection = cfg.text_encoder.projection_dim.map(|proj| {
+            crate::clip::model::linear(&te / "text_projection", width, proj, false, std, init)
+        });
+        let denoiser = match &cfg.denoiser {
+            Denoiser::Transformer(t) => {
+                DenoiserModel::Transformer(Sd3Transformer2DModel::new(&root / TRANSFORMER, t)?)
+            }
+            Denoiser::Unet(u) => DenoiserModel::Unet(UNet2DConditionModel::new(&root / UNET, u)?),
+        };
         Ok(Self {
-            info: info(cfg),
+            info: info(cfg)?,
             config: cfg.clone(),
             vs,
             text,
             text_projection,
-            transformer,
+            denoiser,
             tokenizer,
             noise,
         })
     }
 
     /// A freshly initialised model in `dtype` (seed with `tch::manual_seed`): transformers'
-    /// CLIP init, PyTorch's default layer init for the MMDiT, with DiT's zero init of the
-    /// modulations and the output layer.
+    /// CLIP init; PyTorch's default layer init for the denoiser, with DiT's zero init of the
+    /// modulations and the output layer for the MMDiT. `flow` is an MMDiT's training noise (a
+    /// UNet trains with [`unet_betas`]).
     pub fn random(
         cfg: &ShapesConfig,
         device: Device,
         dtype: DType,
-        noise: FlowMatch,
+        flow: FlowMatch,
     ) -> Result<Self> {
         let tokenizer = super::config::world_tokenizer(cfg.max_length())?;
+        let noise = noise_for(cfg, None, flow)?;
         let mut b = Self::build(cfg, tokenizer, device, noise, InitMode::Random)?;
-        dit_zero_init(&b.vs, cfg);
+        if let Denoiser::Transformer(t) = &cfg.denoiser {
+            dit_zero_init(&b.vs, t.num_layers);
+        }
         b.vs.set_kind(dtype.kind());
         b.vs.freeze();
         Ok(b)
@@ -142,39 +222,57 @@ impl ShapesBackbone {
 
     /// Loads a pipeline folder written by [`Backbone::save_pretrained`]: each sub-model strictly
     /// (every tensor used, every variable filled) with its own loader, then moved into the one
-    /// VarStore.
-    pub fn load(dir: &Path, device: Device, dtype: DType, noise: FlowMatch) -> Result<Self> {
+    /// VarStore. `flow` is an MMDiT's training noise; a UNet's comes from the folder's
+    /// scheduler_config.json.
+    pub fn load(dir: &Path, device: Device, dtype: DType, flow: FlowMatch) -> Result<Self> {
         let index = dir.join("model_index.json");
         if !index.is_file() {
             return Err(Error::file(
                 dir,
-                "no model_index.json: not a shapes pipeline folder (text_encoder/, transformer/, \
-                 tokenizer/)",
+                "no model_index.json: not a shapes pipeline folder (text_encoder/, transformer/ \
+                 or unet/, tokenizer/)",
             ));
         }
         let cfg = ShapesConfig::from_dir(dir)?;
         let tokenizer = ClipTokenizer::from_file(dir.join(TOKENIZER_FILE), cfg.max_length())?;
         let te = TextEncoder::load(dir.join(TEXT_ENCODER), Device::Cpu, Kind::Float)?;
-        if !te.with_projection() {
+        if te.with_projection() != cfg.text_encoder.projection_dim.is_some() {
             return Err(Error::file(
                 dir.join(TEXT_ENCODER),
-                "no text_projection.weight: the shapes model pools through the projection \
+                "text_projection.weight and the config's projection_dim disagree",
+            ));
+        }
+        if matches!(cfg.denoiser, Denoiser::Transformer(_)) && !te.with_projection() {
+            return Err(Error::file(
+                dir.join(TEXT_ENCODER),
+                "no text_projection.weight: the shapes MMDiT pools through the projection \
                  (CLIPTextModelWithProjection)",
             ));
         }
-        let tr = Sd3Backbone::load(
-            &dir.join(TRANSFORMER),
-            Device::Cpu,
-            DType::F32,
-            &AllowList::default(),
-            noise.clone(),
-        )?;
+        let noise = noise_for(&cfg, Some(dir), flow.clone())?;
+        let sub = dir.join(cfg.denoiser.folder());
+        let den_vars = match &cfg.denoiser {
+            Denoiser::Transformer(_) => {
+                let tr =
+                    Sd3Backbone::load(&sub, Device::Cpu, DType::F32, &AllowList::default(), flow)?;
+                tr.var_store().variables()
+            }
+            Denoiser::Unet(_) => {
+                let ddpm = DdpmNoise::new(
+                    crate::unet::spec::scheduler_settings(dir)?.0,
+                    Prediction::Epsilon,
+                )?;
+                let un =
+                    UNetBackbone::load(&sub, Device::Cpu, DType::F32, &AllowList::default(), ddpm)?;
+                un.var_store().variables()
+            }
+        };
         let mut sources: BTreeMap<String, Tensor> = BTreeMap::new();
         for (n, t) in te.named_tensors() {
             sources.insert(format!("{TEXT_ENCODER}.{n}"), t);
         }
-        for (n, t) in tr.var_store().variables() {
-            sources.insert(format!("{TRANSFORMER}.{n}"), t);
+        for (n, t) in den_vars {
+            sources.insert(format!("{}.{n}", cfg.denoiser.folder()), t);
         }
         let mut b = Self::build(&cfg, tokenizer, device, noise, InitMode::Placeholder)?;
         let vars = b.vs.variables();
@@ -209,15 +307,30 @@ impl ShapesBackbone {
         &self.tokenizer
     }
 
-    pub fn transformer(&self) -> &Sd3Transformer2DModel {
-        &self.transformer
+    /// The MMDiT, when the denoiser is one.
+    pub fn transformer(&self) -> Option<&Sd3Transformer2DModel> {
+        match &self.denoiser {
+            DenoiserModel::Transformer(t) => Some(t),
+            DenoiserModel::Unet(_) => None,
+        }
     }
 
-    /// The MMDiT's text inputs for `input_ids`: (`encoder_hidden_states` (B, L, D),
-    /// `pooled_projections` (B, P)).
-    pub fn encode_ids(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The UNet, when the denoiser is one.
+    pub fn unet(&self) -> Option<&UNet2DConditionModel> {
+        match &self.denoiser {
+            DenoiserModel::Unet(u) => Some(u),
+            DenoiserModel::Transformer(_) => None,
+        }
+    }
+
+    /// The denoiser's text inputs for `input_ids`: (`encoder_hidden_states` (B, L, D), and
+    /// `pooled_projections` (B, P) where the tower has a projection).
+    pub fn encode_ids(&self, input_ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let out = self.text.forward(input_ids, None)?;
-        let pooled = self.text_projection.forward(&out.pooled);
+        let pooled = self
+            .text_projection
+            .as_ref()
+            .map(|p| p.forward(&out.pooled));
         Ok((out.last_hidden_state, pooled))
     }
 
@@ -237,14 +350,65 @@ impl ShapesBackbone {
     }
 
     fn model_index(&self) -> serde_json::Value {
+        let (te_class, den, den_class, sched) = match &self.config.denoiser {
+            Denoiser::Transformer(_) => (
+                "CLIPTextModelWithProjection",
+                TRANSFORMER,
+                crate::sd3::config::CLASS_NAME,
+                "FlowMatchEulerDiscreteScheduler",
+            ),
+            Denoiser::Unet(_) => (
+                "CLIPTextModel",
+                UNET,
+                crate::unet::config::CLASS_NAME,
+                "DDIMScheduler",
+            ),
+        };
         serde_json::json!({
             "_class_name": PIPELINE_CLASS,
             "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "scheduler": ["diffusers", sched],
+            "text_encoder": ["transformers", te_class],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-            "transformer": ["diffusers", "SD3Transformer2DModel"],
+            den: ["diffusers", den_class],
         })
+    }
+
+    /// scheduler_config.json: what the model samples with by default.
+    fn scheduler_config(&self) -> serde_json::Value {
+        match (&self.config.denoiser, &self.noise) {
+            (Denoiser::Unet(_), ShapesNoise::Ddpm(d)) => {
+                let b = &d.betas;
+                let schedule = match b.beta_schedule {
+                    crate::schedulers::ddpm::BetaSchedule::Linear => "linear",
+                    crate::schedulers::ddpm::BetaSchedule::ScaledLinear => "scaled_linear",
+                };
+                // DDIM with trailing spacing (its first step starts at t = 999, where the
+                // pixel-space training saw pure noise) and x0 clipped to the image range.
+                serde_json::json!({
+                    "_class_name": "DDIMScheduler",
+                    "_diffusers_version": "0.42.1",
+                    "num_train_timesteps": b.num_train_timesteps,
+                    "beta_start": b.beta_start,
+                    "beta_end": b.beta_end,
+                    "beta_schedule": schedule,
+                    "prediction_type": "epsilon",
+                    "timestep_spacing": "trailing",
+                    "steps_offset": 0,
+                    "set_alpha_to_one": false,
+                    "clip_sample": true,
+                    "clip_sample_range": 1.0,
+                })
+            }
+            // The training noise is SD3's rectified flow; `shift` is what this model samples
+            // with by default, as SD3's own scheduler config records its shift.
+            _ => serde_json::json!({
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "_diffusers_version": "0.42.1",
+                "num_train_timesteps": 1000,
+                "shift": 1.0,
+            }),
+        }
     }
 }
 
@@ -271,7 +435,15 @@ impl Backbone for ShapesBackbone {
     ) -> Result<Tensor> {
         let (ehs, pooled) = self.encode_ids(cond.get(INPUT_IDS)?)?;
         let hook = hook.map(|h| (h, self.info.sites.as_slice()));
-        self.transformer.forward(x_t, t, &ehs, &pooled, hook)
+        match &self.denoiser {
+            DenoiserModel::Transformer(tr) => {
+                let pooled = pooled.ok_or_else(|| {
+                    Error::invalid("the shapes MMDiT needs the text tower's projection")
+                })?;
+                tr.forward(x_t, t, &ehs, &pooled, hook)
+            }
+            DenoiserModel::Unet(u) => u.forward(x_t, t, &ehs, None, hook),
+        }
     }
 
     fn var_store(&self) -> &VarStore {
@@ -338,48 +510,44 @@ impl Backbone for ShapesBackbone {
     }
 
     /// A diffusers-style pipeline folder: model_index.json, text_encoder/ (transformers
-    /// CLIPTextModelWithProjection), transformer/ (diffusers SD3Transformer2DModel),
-    /// tokenizer/tokenizer.json and scheduler/scheduler_config.json.
+    /// CLIPTextModel(WithProjection)), transformer/ (diffusers SD3Transformer2DModel) or unet/
+    /// (UNet2DConditionModel), tokenizer/tokenizer.json and scheduler/scheduler_config.json.
     fn save_pretrained(&self, dir: &Path) -> Result<()> {
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| Error::file(d, e));
+        let den = self.config.denoiser.folder();
         let te_dir = dir.join(TEXT_ENCODER);
-        let tr_dir = dir.join(TRANSFORMER);
+        let den_dir = dir.join(den);
         let tok_dir = dir.join("tokenizer");
         let sched_dir = dir.join("scheduler");
-        for d in [&te_dir, &tr_dir, &tok_dir, &sched_dir] {
+        for d in [&te_dir, &den_dir, &tok_dir, &sched_dir] {
             mkdir(d)?;
         }
         write_json(&dir.join("model_index.json"), &self.model_index())?;
+        let with_projection = self.text_projection.is_some();
         write_json(
             &te_dir.join("config.json"),
-            &self.config.text_encoder.to_json(true),
+            &self.config.text_encoder.to_json(with_projection),
         )?;
         save_safetensors(
             te_dir.join("model.safetensors"),
             &self.sub_tensors(TEXT_ENCODER),
             &meta,
         )?;
-        write_json(
-            &tr_dir.join("config.json"),
-            &self.config.transformer.to_json(),
-        )?;
+        let den_json = match &self.config.denoiser {
+            Denoiser::Transformer(t) => t.to_json(),
+            Denoiser::Unet(u) => u.to_json(),
+        };
+        write_json(&den_dir.join("config.json"), &den_json)?;
         save_safetensors(
-            tr_dir.join(format!("{}.safetensors", crate::sd3::spec::WEIGHTS_STEM)),
-            &self.sub_tensors(TRANSFORMER),
+            den_dir.join(format!("{}.safetensors", crate::sd3::spec::WEIGHTS_STEM)),
+            &self.sub_tensors(den),
             &meta,
         )?;
         self.tokenizer.save(dir.join(TOKENIZER_FILE))?;
-        // The training noise is SD3's rectified flow; `shift` is what this model samples with
-        // by default, as SD3's own scheduler config records its shift.
         write_json(
             &sched_dir.join("scheduler_config.json"),
-            &serde_json::json!({
-                "_class_name": "FlowMatchEulerDiscreteScheduler",
-                "_diffusers_version": "0.42.1",
-                "num_train_timesteps": 1000,
-                "shift": 1.0,
-            }),
+            &self.scheduler_config(),
         )
     }
 }

@@ -1,5 +1,5 @@
-//! The `shapes` backbone plugin: the shapes world's pipeline folder, or the `tiny` preset with
-//! random weights (what `recipes/shapes/pretrain.toml` trains from).
+//! The `shapes` backbone plugin: the shapes world's pipeline folder, or a preset with random
+//! weights (what `recipes/shapes/pretrain-*.toml` train from).
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -8,7 +8,7 @@ use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
 use softalign_core::{register_plugin, Error, Result};
 
-use super::config::ShapesConfig;
+use super::config::{Denoiser, ShapesConfig};
 use super::model::{info, ShapesBackbone};
 use crate::sd3::{FlowMatch, TimestepSampling};
 
@@ -22,7 +22,7 @@ pub struct ShapesSpec {
     /// A pipeline folder (model_index.json, text_encoder/, transformer/, tokenizer/).
     #[serde(default)]
     pub path: Option<PathBuf>,
-    /// `tiny`: random weights in this project's own config.
+    /// `tiny`, `mmdit` or `unet`: random weights in one of this project's own configs.
     #[serde(default)]
     pub preset: Option<String>,
     /// Storage precision of the weights (default f32).
@@ -68,7 +68,18 @@ impl ShapesSpec {
         }
     }
 
-    fn noise(&self) -> Result<FlowMatch> {
+    /// The flow-matching noise an MMDiT trains with. A UNet draws its DDPM timesteps
+    /// uniformly, so these settings must stay at their defaults for one.
+    fn noise(&self, cfg: &ShapesConfig) -> Result<FlowMatch> {
+        if matches!(cfg.denoiser, Denoiser::Unet(_))
+            && (self.timesteps != TimestepSampling::UniformInt || self.timestep_shift != 1.0)
+        {
+            return Err(Error::Recipe(
+                "backbone shapes: `timesteps` and `timestep_shift` are flow-matching settings; \
+                 this model is a DDPM UNet, which draws t uniformly from 0..999"
+                    .into(),
+            ));
+        }
         FlowMatch::new(self.timesteps.clone(), self.timestep_shift)
     }
 }
@@ -77,10 +88,10 @@ register_plugin!(
     SHAPES_ENTRY,
     Backbone,
     "shapes",
-    "The shapes world's pixel-space text-to-image model: CLIP text tower + SD3 MMDiT, flow matching",
+    "The shapes world's pixel-space text-to-image model: CLIP text tower + SD3 MMDiT (flow matching) or UNet (DDPM)",
     r#"[backbone]
 type = "shapes"
-path = "assets/shapes-base"
+path = "assets/shapes-mmdit"
 timesteps = { kind = "uniform_int" }
 "#
 );
@@ -89,13 +100,13 @@ timesteps = { kind = "uniform_int" }
 impl BackboneSpec for ShapesSpec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
         let (cfg, _) = self.source(ctx)?;
-        self.noise()?;
-        Ok(info(&cfg))
+        self.noise(&cfg)?;
+        info(&cfg)
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
         let (cfg, dir) = self.source(ctx)?;
-        let noise = self.noise()?;
+        let noise = self.noise(&cfg)?;
         let dtype = ctx.dtype_override.or(self.dtype).unwrap_or_default();
         let b = match dir {
             Some(dir) => ShapesBackbone::load(&dir, ctx.device, dtype, noise)?,

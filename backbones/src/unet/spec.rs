@@ -67,7 +67,7 @@ fn yes() -> bool {
 
 /// Noise schedule and prediction type from a pipeline's scheduler_config.json (the keys every
 /// diffusers scheduler class shares; the rest of that file belongs to the sampler).
-fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Prediction>)> {
+pub(crate) fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Prediction>)> {
     let path = dir.join("scheduler").join("scheduler_config.json");
     if !path.is_file() {
         return Ok((BetaConfig::default(), None));
