@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: builds softalign (release) and runs the shapes-world demo: SoftREPA and AGSM soft
-# tokens trained on the shipped base model (assets/shapes-base), all three evaluated on the
+# tokens trained on the shipped MMDiT base (assets/shapes-mmdit), all three evaluated on the
 # held-out prompts; the table prints at the end and report.md + grids land in runs/demo-<time>.
 # Arguments pass through to `softalign demo` (see `softalign demo --help`).
 set -euo pipefail

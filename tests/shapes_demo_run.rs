@@ -3,7 +3,7 @@
 //! run folder (three evaluations on the same noise, adapters, grids, report) and the table.
 mod shapes_demo_common;
 
-use shapes_demo_common::{s, softalign, tiny_model};
+use shapes_demo_common::{pretrained, s, softalign, tiny_model};
 use softalign_worlds::geneval::{read_geneval_folder, read_results_jsonl, Summary};
 
 #[test]
@@ -68,10 +68,32 @@ fn demo_trains_evaluates_and_reports() {
         );
     }
 
-    for grid in ["grid-base-vs-softrepa.png", "grid-base-vs-agsm.png"] {
-        let g = image::open(out.join(grid)).unwrap().to_rgb8();
-        // 6 rows; two groups of 2 columns of 128 px tiles.
-        assert_eq!(g.dimensions(), (2 + 4 * 130 + 8, 2 + 6 * 130), "{grid}");
+    let base_results = read_results_jsonl(&out.join("eval-base/results.jsonl")).unwrap();
+    for m in ["softrepa", "agsm"] {
+        let other = read_results_jsonl(&out.join(format!("eval-{m}/results.jsonl"))).unwrap();
+        // One row per image the recipe fixed or broke (at most 16 each here), then one
+        // unchanged image per category that has one; rows are 102 px tiles (32 px x 3 in a
+        // 3 px frame) under a header, 6 px apart.
+        let (mut changed, mut unchanged) = (0, std::collections::BTreeSet::new());
+        for (b, o) in base_results.iter().zip(&other) {
+            if b.correct != o.correct {
+                changed += 1;
+            } else {
+                unchanged.insert(b.tag);
+            }
+        }
+        let rows = changed + unchanged.len();
+        let g = image::open(out.join(format!("grid-base-vs-{m}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(g.height() as usize, 30 + rows * 108, "grid-base-vs-{m}.png");
+        assert!(g.width() > 2 * 102, "grid-base-vs-{m}.png");
+    }
+    for m in ["base", "softrepa", "agsm"] {
+        assert!(
+            out.join(format!("eval-{m}/grid.png")).is_file(),
+            "eval-{m}/grid.png"
+        );
     }
 
     let table = std::fs::read_to_string(out.join("table.txt")).unwrap();
@@ -117,4 +139,51 @@ fn demo_trains_evaluates_and_reports() {
         .output()
         .unwrap();
     assert!(!again.status.success());
+}
+
+/// The same demo on a UNet base: the UNet recipes are chosen from the base's folder, sampling
+/// is DDIM from the folder's scheduler config, and tokens trained at `down` change images.
+#[test]
+fn demo_runs_on_a_unet_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = pretrained(tmp.path(), "recipes/shapes/pretrain-unet.toml");
+    assert!(base.join("unet/config.json").is_file());
+    let out = tmp.path().join("demo");
+    let done = softalign(&[
+        "demo",
+        "--base",
+        s(&base),
+        "--train-steps",
+        "2",
+        "--set",
+        "train.images_per_step=2",
+        "--set",
+        "data.n=16",
+        "--per-tag",
+        "1",
+        "--n",
+        "1",
+        "--steps",
+        "2",
+        "--quiet",
+        "--out",
+        s(&out),
+    ]);
+    assert!(done.status.success());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "recipes/shapes/unet-softrepa.toml with 2 steps",
+        "recipes/shapes/unet-agsm.toml with 2 steps",
+        "DDIM 2 steps",
+    ] {
+        assert!(
+            report.contains(needle),
+            "report.md lacks {needle:?}:\n{report}"
+        );
+    }
+    for m in ["softrepa", "agsm"] {
+        assert!(out
+            .join(format!("train-{m}/final/adapter.safetensors"))
+            .is_file());
+    }
 }

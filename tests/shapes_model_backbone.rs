@@ -274,3 +274,100 @@ fn the_dataset_is_deterministic_per_torch_seed() {
     );
     assert!(data.batch(&[12], Device::Cpu).is_err());
 }
+
+/// The UNet base's preset: SD1.5's block groups as sites, DDPM epsilon, a pipeline folder with
+/// `unet/` and a DDIM scheduler config that loads back bit for bit, tokens at `down` that move
+/// the output and alone get gradients.
+#[test]
+fn the_unet_preset_round_trips_and_takes_tokens_at_its_groups() {
+    use softalign_core::backbone::Prediction;
+    tch::manual_seed(3);
+    let cfg = ShapesConfig::unet().unwrap();
+    let bb = ShapesBackbone::random(&cfg, Device::Cpu, DType::F32, noise()).unwrap();
+    assert_eq!(bb.info().prediction, Prediction::Epsilon);
+    let names: Vec<&str> = bb.info().sites.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["down", "mid", "up"]);
+    assert!(bb.transformer().is_none() && bb.unet().is_some());
+    // DDPM noising: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, the target is eps.
+    let x0 = Tensor::ones([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let eps = Tensor::zeros_like(&x0);
+    let t = Tensor::from_slice(&[999.0f32]);
+    let xt = bb.noise().add_noise(&x0, &eps, &t);
+    // Stable Diffusion's scaled-linear betas: linspace(sqrt(0.00085), sqrt(0.012))^2.
+    let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let abar_999: f64 = (0..1000)
+        .map(|i| 1.0 - (a + (b - a) * i as f64 / 999.0).powi(2))
+        .product();
+    assert!((xt.mean(Kind::Float).double_value(&[]) - abar_999.sqrt()).abs() < 1e-4);
+    assert!(bb.noise().target(&x0, &eps, &t).equal(&eps));
+
+    let dir = tempfile::tempdir().unwrap();
+    bb.save_pretrained(dir.path()).unwrap();
+    for f in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    assert!(!dir.path().join("transformer").exists());
+    let sched: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sched["_class_name"], "DDIMScheduler");
+    assert_eq!(sched["beta_schedule"], "scaled_linear");
+    let back = ShapesBackbone::load(dir.path(), Device::Cpu, DType::F32, noise()).unwrap();
+    let (a, b) = (bb.var_store().variables(), back.var_store().variables());
+    assert_eq!(a.len(), b.len());
+    for (n, t) in &a {
+        assert!(t.equal(&b[n]), "{n} differs after the round trip");
+    }
+
+    let spec: SoftTokensSpec =
+        serde_json::from_value(serde_json::json!({ "tokens": 4, "sites": ["down"] })).unwrap();
+    let adapters = vec![spec.build(bb.info(), &BuildContext::cpu(".")).unwrap()];
+    let inj = Injection {
+        adapters: &adapters,
+        selection: TokenSelection::default(),
+    };
+    let c = bb.encode_prompts(&prompts(2)).unwrap();
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[300.0f32, 600.0]);
+    let plain = back.forward(&x, &t, &c, None).unwrap();
+    assert!(plain.equal(&bb.forward(&x, &t, &c, None).unwrap()));
+    let with = bb.forward(&x, &t, &c, Some(&inj)).unwrap();
+    assert_eq!(with.size(), [2, 3, 32, 32]);
+    assert!(!with.allclose(&plain, 1e-6, 1e-6, false));
+    with.square().mean(Kind::Float).backward();
+    for (n, p) in adapters[0].trainable() {
+        assert!(p.grad().defined(), "{n} got no gradient");
+    }
+    assert!(bb
+        .var_store()
+        .variables()
+        .values()
+        .all(|v| !v.grad().defined()));
+
+    // One denoiser per folder.
+    std::fs::create_dir_all(dir.path().join("transformer")).unwrap();
+    std::fs::write(dir.path().join("transformer/config.json"), "{}").unwrap();
+    let err = ShapesBackbone::load(dir.path(), Device::Cpu, DType::F32, noise()).unwrap_err();
+    assert!(
+        err.to_string().contains("both transformer/ and unet/"),
+        "{err}"
+    );
+}
+
+#[test]
+fn flow_matching_settings_are_refused_for_the_unet() {
+    let spec: Box<dyn softalign_core::plugin::BackboneSpec> = serde_json::from_value(
+        serde_json::json!({ "type": "shapes", "preset": "unet", "timesteps": { "kind": "logit_normal" } }),
+    )
+    .unwrap();
+    let err = spec.describe(&BuildContext::cpu(".")).unwrap_err();
+    assert!(err.to_string().contains("DDPM UNet"), "{err}");
+    let ok: Box<dyn softalign_core::plugin::BackboneSpec> =
+        serde_json::from_value(serde_json::json!({ "type": "shapes", "preset": "mmdit" })).unwrap();
+    let info = ok.describe(&BuildContext::cpu(".")).unwrap();
+    assert_eq!(info.sites.len(), 4);
+}

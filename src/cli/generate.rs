@@ -71,20 +71,6 @@ pub struct Resolved {
     pub description: String,
 }
 
-/// Keys of a diffusers scheduler_config.json that DDIM shares with the schedulers SD folders
-/// ship (PNDM, DDIM, Euler...): the noise schedule and the timestep spacing.
-const DDIM_KEYS: [&str; 9] = [
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "steps_offset",
-    "timestep_spacing",
-    "set_alpha_to_one",
-    "clip_sample",
-    "clip_sample_range",
-];
-
 pub fn resolve(
     s: &GenSettings,
     prediction: Prediction,
@@ -110,15 +96,7 @@ pub fn resolve(
     }
     let steps = s.steps.unwrap_or(30);
     let guidance = s.guidance.unwrap_or(7.0);
-    let mut spec = serde_json::Map::new();
-    for k in DDIM_KEYS {
-        if let Some(v) = get(k).filter(|v| !v.is_null()) {
-            spec.insert(k.into(), v.clone());
-        }
-    }
-    spec.insert("steps".into(), steps.into());
-    let spec: DdimSpec = serde_json::from_value(spec.into())
-        .context("the model's scheduler_config.json does not make a DDIM schedule")?;
+    let spec = DdimSpec::from_scheduler_config(scheduler, steps)?;
     let description = format!(
         "DDIM {steps} steps ({:?} spacing, eta 0)",
         spec.timestep_spacing

@@ -7,11 +7,16 @@ use std::process::{Command, Output};
 /// recipe (a freshly initialised MMDiT predicts zero velocity through its zero-initialised
 /// output layers, so its samples would not depend on the prompt or the tokens).
 pub fn tiny_model(dir: &Path) -> PathBuf {
+    pretrained(dir, "recipes/shapes/pretrain.toml")
+}
+
+/// 2 pretraining steps of `recipe` (a shapes pretraining recipe) at toy size, in `dir`.
+pub fn pretrained(dir: &Path, recipe: &str) -> PathBuf {
     let run = dir.join("pretrain");
     softalign(&[
         "train",
         "--recipe",
-        "recipes/shapes/pretrain.toml",
+        recipe,
         "--set",
         "train.steps=2",
         "--set",

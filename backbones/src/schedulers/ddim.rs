@@ -82,7 +82,38 @@ impl Default for DdimSpec {
     }
 }
 
+/// Keys of a diffusers scheduler_config.json that DDIM shares with the schedulers SD folders
+/// ship (PNDM, DDIM, Euler...): the noise schedule and the timestep spacing.
+pub const SCHEDULER_CONFIG_KEYS: [&str; 9] = [
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "steps_offset",
+    "timestep_spacing",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+];
+
 impl DdimSpec {
+    /// DDIM with `steps` steps on the schedule of a model folder's scheduler_config.json
+    /// (`None`: Stable Diffusion's defaults); keys other schedulers add are ignored.
+    pub fn from_scheduler_config(config: Option<&serde_json::Value>, steps: usize) -> Result<Self> {
+        let mut spec = serde_json::Map::new();
+        for k in SCHEDULER_CONFIG_KEYS {
+            if let Some(v) = config.and_then(|c| c.get(k)).filter(|v| !v.is_null()) {
+                spec.insert(k.into(), v.clone());
+            }
+        }
+        spec.insert("steps".into(), steps.into());
+        serde_json::from_value(spec.into()).map_err(|e| {
+            Error::invalid(format!(
+                "the model's scheduler_config.json does not make a DDIM schedule: {e}"
+            ))
+        })
+    }
+
     pub fn betas(&self) -> BetaConfig {
         BetaConfig {
             num_train_timesteps: self.num_train_timesteps,
