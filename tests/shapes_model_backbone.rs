@@ -316,6 +316,17 @@ fn the_unet_preset_round_trips_and_takes_tokens_at_its_groups() {
     .unwrap();
     assert_eq!(sched["_class_name"], "DDIMScheduler");
     assert_eq!(sched["beta_schedule"], "scaled_linear");
+    assert_eq!(sched["clip_sample_range"], 2.0);
+    // The pixel codec: the white canvas (1) is the UNet's 0, and back.
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("model_index.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(index["softalign_pixel_shift"], 1.0);
+    let white = Tensor::ones([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let z = bb.encode_images(&white).unwrap();
+    assert_eq!(z.abs().max().double_value(&[]), 0.0);
+    assert!(bb.decode(&z).unwrap().equal(&white));
     let back = ShapesBackbone::load(dir.path(), Device::Cpu, DType::F32, noise()).unwrap();
     let (a, b) = (bb.var_store().variables(), back.var_store().variables());
     assert_eq!(a.len(), b.len());

@@ -125,6 +125,9 @@ impl ObjectiveTask {
             let _guard = tch::no_grad_guard();
             batch.x0 = self.backbone.encode_images(&batch.x0)?;
             batch.cond = self.backbone.encode_prompts(&captions)?;
+        } else if batch.pixels {
+            let _guard = tch::no_grad_guard();
+            batch.x0 = self.backbone.encode_images(&batch.x0)?;
         }
         let n_t = if self.config.per_image_timesteps {
             b

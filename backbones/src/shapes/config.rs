@@ -47,7 +47,24 @@ impl Denoiser {
 pub struct ShapesConfig {
     pub text_encoder: ClipTextConfig,
     pub denoiser: Denoiser,
+    /// The pixel codec: the network denoises `image - pixel_shift` (RGB in [-1, 1]), as an SD3
+    /// VAE's `shift_factor` centres its latents. 0 for the MMDiT; 1 for the UNet, whose white
+    /// canvas then sits at 0 (see [`UNET_PIXEL_SHIFT`]). `model_index.json`'s
+    /// `softalign_pixel_shift`, absent meaning 0.
+    pub pixel_shift: f64,
 }
+
+/// `model_index.json`'s key for [`ShapesConfig::pixel_shift`].
+pub const PIXEL_SHIFT_KEY: &str = "softalign_pixel_shift";
+
+/// The UNet base's pixel shift. An epsilon-prediction model sampled from pure noise starts
+/// from x0 estimates with the mean it learned at the top of the schedule, where its training
+/// inputs still carried a trace of the image; with the world's white canvas (mean ~0.86 in
+/// [-1, 1]) that start was grey and every later step kept it: after 250 and 500 pretraining
+/// steps (scaled-linear and linear betas) our DDIM and diffusers' DDIMScheduler drew grey
+/// noise, although the model restored forward-noised images well. Centring the canvas at 0
+/// (what DDPM's zero-mean image data gives for free) removes that trap.
+pub const UNET_PIXEL_SHIFT: f64 = 1.0;
 
 /// The world's tokenizer: the word-level vocabulary of `softalign_worlds::shapes::vocabulary()`,
 /// padded and truncated to `max_length` ids.
@@ -121,6 +138,7 @@ impl ShapesConfig {
         Self::checked(
             text_tower(128, 2)?,
             Denoiser::Transformer(mmdit(4, 4, 128, 4)),
+            0.0,
         )
     }
 
@@ -131,6 +149,7 @@ impl ShapesConfig {
         Self::checked(
             text_tower(128, 2)?,
             Denoiser::Transformer(mmdit(2, 4, 96, 4)),
+            0.0,
         )
     }
 
@@ -161,13 +180,14 @@ impl ShapesConfig {
             projection_dim: None,
             ..text_tower(128, 2)?
         };
-        Self::checked(text, Denoiser::Unet(unet))
+        Self::checked(text, Denoiser::Unet(unet), UNET_PIXEL_SHIFT)
     }
 
-    fn checked(text_encoder: ClipTextConfig, denoiser: Denoiser) -> Result<Self> {
+    fn checked(text_encoder: ClipTextConfig, denoiser: Denoiser, pixel_shift: f64) -> Result<Self> {
         let cfg = Self {
             text_encoder,
             denoiser,
+            pixel_shift,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -206,9 +226,24 @@ impl ShapesConfig {
                     "no transformer/config.json or unet/config.json: not a shapes pipeline folder",
                 )),
             };
+        let index = dir.join("model_index.json");
+        let pixel_shift = match std::fs::read_to_string(&index) {
+            Ok(text) => {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::file(&index, format!("not JSON: {e}")))?;
+                match v.get(PIXEL_SHIFT_KEY) {
+                    None | Some(serde_json::Value::Null) => 0.0,
+                    Some(x) => x.as_f64().ok_or_else(|| {
+                        Error::file(&index, format!("`{PIXEL_SHIFT_KEY}` must be a number"))
+                    })?,
+                }
+            }
+            Err(_) => 0.0,
+        };
         let cfg = Self {
             text_encoder,
             denoiser,
+            pixel_shift,
         };
         cfg.validate().map_err(|e| Error::file(dir, e))?;
         Ok(cfg)
@@ -255,6 +290,12 @@ impl ShapesConfig {
                 "text_encoder.hidden_size {} must equal the {}'s context width {context}",
                 te.hidden_size,
                 self.denoiser.folder()
+            ));
+        }
+        if !self.pixel_shift.is_finite() || self.pixel_shift.abs() > 1.0 {
+            return bad(format!(
+                "{PIXEL_SHIFT_KEY} = {} (must be within [-1, 1], a shift of RGB in [-1, 1])",
+                self.pixel_shift
             ));
         }
         if inc != 3 || outc != 3 {

@@ -202,6 +202,6 @@ impl Dataset for ShapesData {
         let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
         let x0 = self.x0.index_select(0, &idx).to_device(device);
         let ids = Tensor::cat(&rows, 0).to_device(device);
-        Ok(Batch::encoded(x0, Conditioning::new().with(INPUT_IDS, ids)))
+        Ok(Batch::pixels(x0, Conditioning::new().with(INPUT_IDS, ids)))
     }
 }

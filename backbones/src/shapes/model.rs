@@ -19,7 +19,7 @@ use softalign_core::{Error, Result};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use super::config::{unet_betas, Denoiser, ShapesConfig, TRANSFORMER, UNET};
+use super::config::{unet_betas, Denoiser, ShapesConfig, PIXEL_SHIFT_KEY, TRANSFORMER, UNET};
 use crate::clip::{ClipTextTransformer, ClipTokenizer, InitMode, TextEncoder, TOWER_PREFIX};
 use crate::schedulers::ddpm::DdpmNoise;
 use crate::sd3::{FlowMatch, Sd3Backbone, Sd3Transformer2DModel};
@@ -364,14 +364,18 @@ impl ShapesBackbone {
                 "DDIMScheduler",
             ),
         };
-        serde_json::json!({
+        let mut index = serde_json::json!({
             "_class_name": PIPELINE_CLASS,
             "_diffusers_version": "0.42.1",
             "scheduler": ["diffusers", sched],
             "text_encoder": ["transformers", te_class],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             den: ["diffusers", den_class],
-        })
+        });
+        if self.config.pixel_shift != 0.0 {
+            index[PIXEL_SHIFT_KEY] = self.config.pixel_shift.into();
+        }
+        index
     }
 
     /// scheduler_config.json: what the model samples with by default.
@@ -383,8 +387,9 @@ impl ShapesBackbone {
                     crate::schedulers::ddpm::BetaSchedule::Linear => "linear",
                     crate::schedulers::ddpm::BetaSchedule::ScaledLinear => "scaled_linear",
                 };
-                // DDIM with trailing spacing (its first step starts at t = 999, where the
-                // pixel-space training saw pure noise) and x0 clipped to the image range.
+                // DDIM with trailing spacing (its first step starts at t = 999) and x0 clipped
+                // to a range holding the shifted images ([-1 - shift, 1 - shift]).
+                let range = 1.0 + self.config.pixel_shift.abs();
                 serde_json::json!({
                     "_class_name": "DDIMScheduler",
                     "_diffusers_version": "0.42.1",
@@ -397,7 +402,7 @@ impl ShapesBackbone {
                     "steps_offset": 0,
                     "set_alpha_to_one": false,
                     "clip_sample": true,
-                    "clip_sample_range": 1.0,
+                    "clip_sample_range": range,
                 })
             }
             // The training noise is SD3's rectified flow; `shift` is what this model samples
@@ -467,7 +472,7 @@ impl Backbone for ShapesBackbone {
         Some(self.config.sample_shape())
     }
 
-    /// Pixel space: the samples are the images, clamped to [-1, 1].
+    /// Pixel space: the samples plus the pixel shift are the images, clamped to [-1, 1].
     fn decode(&self, samples: &Tensor) -> Result<Tensor> {
         let s = samples.size();
         if s.len() != 4 || s[1] != 3 {
@@ -476,10 +481,10 @@ impl Backbone for ShapesBackbone {
                 format!("shape {s:?}, expected (B, 3, H, W) RGB pixels"),
             ));
         }
-        Ok(samples.to_kind(Kind::Float).clamp(-1.0, 1.0))
+        Ok((samples.to_kind(Kind::Float) + self.config.pixel_shift).clamp(-1.0, 1.0))
     }
 
-    /// Pixel space: images are the samples; only their size is checked.
+    /// Pixel space: the samples are the images minus the pixel shift.
     fn encode_images(&self, images: &Tensor) -> Result<Tensor> {
         let want = self.config.sample_shape();
         let s = images.size();
@@ -493,7 +498,7 @@ impl Backbone for ShapesBackbone {
                 ),
             ));
         }
-        Ok(images.to_kind(Kind::Float))
+        Ok(images.to_kind(Kind::Float) - self.config.pixel_shift)
     }
 
     /// Captions become ids and images stay pixels: the tokenizer and the sample shape decide
@@ -506,6 +511,7 @@ impl Backbone for ShapesBackbone {
             "tokenizer_sha256": format!("{:x}", Sha256::digest(tok.as_bytes())),
             "max_length": self.tokenizer.max_length(),
             "sample_shape": self.config.sample_shape(),
+            "pixel_shift": self.config.pixel_shift,
         }))
     }
 

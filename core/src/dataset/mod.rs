@@ -13,6 +13,9 @@ pub struct Batch {
     /// Raw data: the captions as text, for the backbone to encode together with the images
     /// (`Backbone::encode_images`, `Backbone::encode_prompts`).
     pub captions: Option<Vec<String>>,
+    /// `x0` holds RGB images in [-1, 1] for the backbone's image codec (`encode_images`) while
+    /// the conditioning is already encoded (a pixel-space world that tokenizes once).
+    pub pixels: bool,
 }
 
 impl Batch {
@@ -22,6 +25,15 @@ impl Batch {
             x0,
             cond,
             captions: None,
+            pixels: false,
+        }
+    }
+
+    /// RGB images for the backbone's image codec, with encoded conditioning.
+    pub fn pixels(images: tch::Tensor, cond: Conditioning) -> Self {
+        Self {
+            pixels: true,
+            ..Self::encoded(images, cond)
         }
     }
 }

@@ -234,6 +234,7 @@ impl Dataset for CaptionedImages {
             x0: Tensor::stack(&images, 0).to_device(device),
             cond: Conditioning::new(),
             captions: Some(captions),
+            pixels: false,
         })
     }
 }
