@@ -44,6 +44,9 @@ pub struct Model {
     pub selection: Option<TokenSelection>,
     /// The model folder's scheduler/scheduler_config.json (sampler settings), where it has one.
     pub scheduler_config: Option<serde_json::Value>,
+    /// The recipe's resolved `[sampler]` table when the model came from `--recipe`: the
+    /// default sampling settings, which command-line flags override.
+    pub recipe_sampler: Option<serde_json::Value>,
 }
 
 /// `scheduler/scheduler_config.json` of a pipeline folder, if present.
@@ -87,6 +90,23 @@ pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The backbone type `ModelArgs` name, known before any weights load: `--backbone`, the
+/// folder's model_index.json, or the recipe's `[backbone] type`.
+pub fn backbone_kind(a: &ModelArgs) -> anyhow::Result<String> {
+    match (&a.model, &a.recipe, &a.backbone) {
+        (Some(_), _, Some(k)) => Ok(k.clone()),
+        (Some(dir), _, None) => detect_backbone(dir),
+        (None, Some(recipe), _) => {
+            let loaded = softalign_core::recipe::load(recipe, &[])?;
+            Ok(loaded.json["backbone"]["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string())
+        }
+        (None, None, _) => bail!("give a model: --model DIR or --recipe FILE"),
+    }
+}
+
 /// Builds a backbone spec `{type, path}` for a model folder; plugins that read folders take a
 /// `path` field.
 fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> {
@@ -97,6 +117,7 @@ fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> 
 
 impl Model {
     pub fn load(a: &ModelArgs) -> anyhow::Result<Model> {
+        let mut recipe_sampler = None;
         let (backbone, folder) = match (&a.model, &a.recipe) {
             (Some(dir), None) => {
                 let kind = match &a.backbone {
@@ -107,6 +128,7 @@ impl Model {
                     device: Device::cuda_if_available(),
                     recipe_dir: PathBuf::from("."),
                     dtype_override: None,
+                    empty_prompt: Default::default(),
                 };
                 let b = folder_spec(&kind, dir)?
                     .build(&ctx)
@@ -122,6 +144,12 @@ impl Model {
                     .and_then(|b| b.get("path"))
                     .and_then(|p| p.as_str())
                     .map(|p| built.ctx.resolve(Path::new(p)));
+                recipe_sampler = built
+                    .loaded
+                    .json
+                    .get("sampler")
+                    .filter(|v| !v.is_null())
+                    .cloned();
                 (built.backbone, folder)
             }
             _ => bail!("give a model: --model DIR or --recipe FILE"),
@@ -168,6 +196,7 @@ impl Model {
             adapters,
             selection,
             scheduler_config,
+            recipe_sampler,
         })
     }
 
