@@ -16,7 +16,9 @@ use tch::{Device, Tensor};
 use super::config::Sd3Config;
 use super::flow_match::{FlowMatch, TimestepSampling};
 use super::transformer::{sites, Sd3Transformer2DModel};
+use crate::model_folder::{not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
+use crate::vae::VaeConfig;
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
 
 pub const KIND: &str = "sd3";
@@ -102,7 +104,16 @@ impl Sd3Spec {
     fn source(&self, ctx: &BuildContext) -> Result<(Sd3Config, Option<PathBuf>)> {
         match (&self.path, &self.preset) {
             (Some(p), None) => {
-                let dir = Self::model_dir(&ctx.resolve(p));
+                let root = ctx.resolve(p);
+                let dir = Self::model_dir(&root);
+                if !dir.join("config.json").is_file() {
+                    return Err(not_this_model(
+                        &root,
+                        KIND,
+                        "an SD3 pipeline folder (transformer/config.json) or an SD3 transformer \
+                         folder (config.json)",
+                    ));
+                }
                 Ok((Sd3Config::from_file(&dir.join("config.json"))?, Some(dir)))
             }
             (None, Some(name)) => Ok((Sd3Config::preset(name)?, None)),
@@ -110,6 +121,40 @@ impl Sd3Spec {
                 "backbone sd3: give exactly one of `path` and `preset`".into(),
             )),
         }
+    }
+
+    /// The config recipe check reads: the folder's, or, where the folder does not exist on
+    /// this machine and its name is a released model's, that preset's (saying so).
+    fn config_for_check(&self, ctx: &BuildContext) -> Result<Sd3Config> {
+        match self.source(ctx) {
+            Ok((cfg, _)) => Ok(cfg),
+            Err(e) => {
+                let root = self.path.as_ref().map(|p| ctx.resolve(p));
+                let preset = root
+                    .as_ref()
+                    .filter(|r| !r.exists())
+                    .and_then(|r| preset_for_missing(KIND, r).map(|p| (r, p)));
+                match preset {
+                    Some((root, name)) => {
+                        eprintln!("{}", preset_note(KIND, root, name));
+                        Sd3Config::preset(name)
+                    }
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Pixels per latent side: the pipeline VAE's, else SD3's 8.
+    fn vae_scale_factor(&self, ctx: &BuildContext) -> Result<i64> {
+        let Some(p) = &self.path else { return Ok(8) };
+        let cfg = ctx.resolve(p).join("vae").join("config.json");
+        if !cfg.is_file() {
+            return Ok(8);
+        }
+        Ok(crate::pipeline::image::scale_factor(&VaeConfig::from_file(
+            &cfg,
+        )?))
     }
 
     fn dtype(&self, ctx: &BuildContext) -> DType {
@@ -133,9 +178,23 @@ timesteps = { kind = "uniform_int" }
 #[typetag::serde(name = "sd3")]
 impl BackboneSpec for Sd3Spec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
-        let (cfg, _) = self.source(ctx)?;
+        let cfg = self.config_for_check(ctx)?;
         FlowMatch::new(self.timesteps.clone(), self.timestep_shift)?;
+        if let Some(p) = &self.path {
+            if let Some(folder) = PipelineFolder::open(&ctx.resolve(p))? {
+                let flavour = Flavour::Sd3 {
+                    t5_length: self.t5_max_length,
+                    joint_attention_dim: cfg.joint_attention_dim,
+                };
+                PipelineParts::check_folder(&folder, flavour)?;
+            }
+        }
         Ok(info(&cfg))
+    }
+
+    fn check_image_size(&self, ctx: &BuildContext, height: i64, width: i64) -> Result<()> {
+        let cfg = self.config_for_check(ctx)?;
+        check_pixels(&cfg, self.vae_scale_factor(ctx)?, height, width)
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
@@ -178,6 +237,30 @@ impl BackboneSpec for Sd3Spec {
         };
         Ok(Box::new(b))
     }
+}
+
+/// The image sizes an SD3 transformer denoises, in pixels: sides that are multiples of
+/// patch_size latent pixels and span at most pos_embed_max_size patches.
+pub fn check_pixels(cfg: &Sd3Config, vae_scale_factor: i64, height: i64, width: i64) -> Result<()> {
+    let multiple = cfg.patch_size * vae_scale_factor;
+    let max = cfg.pos_embed_max_size.map(|m| m * multiple);
+    let fits = |side: i64| side > 0 && side % multiple == 0 && max.is_none_or(|m| side <= m);
+    if fits(height) && fits(width) {
+        return Ok(());
+    }
+    let limit = match max {
+        Some(m) => format!(" and at most {m}"),
+        None => String::new(),
+    };
+    Err(Error::invalid(format!(
+        "image size {height}x{width}: height and width must be multiples of {multiple}{limit} \
+         pixels for this model (patch_size {} x VAE scale factor {vae_scale_factor}{})",
+        cfg.patch_size,
+        match cfg.pos_embed_max_size {
+            Some(p) => format!("; pos_embed_max_size {p} patches"),
+            None => String::new(),
+        }
+    )))
 }
 
 pub fn info(cfg: &Sd3Config) -> BackboneInfo {
@@ -315,8 +398,17 @@ impl Backbone for Sd3Backbone {
         Some([c.in_channels, c.sample_size, c.sample_size])
     }
 
+    /// The native sample times the pipeline VAE's scale factor.
+    fn native_image_size(&self) -> Option<(i64, i64)> {
+        let [_, h, w] = self.sample_shape()?;
+        let f = self.pipeline.as_ref()?.vae_scale_factor;
+        Some((h * f, w * f))
+    }
+
     fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
-        self.parts()?.sample_shape_for(height, width)
+        let parts = self.parts()?;
+        check_pixels(self.config(), parts.vae_scale_factor, height, width)?;
+        parts.sample_shape_for(height, width)
     }
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {

@@ -16,6 +16,7 @@ use tch::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
+use crate::model_folder::{not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
@@ -150,6 +151,14 @@ impl UNetSpec {
             (Some(p), None) => {
                 let root = ctx.resolve(p);
                 let dir = Self::model_dir(&root);
+                if !dir.join("config.json").is_file() {
+                    return Err(not_this_model(
+                        &root,
+                        KIND,
+                        "a Stable Diffusion pipeline folder (unet/config.json) or a UNet folder \
+                         (config.json)",
+                    ));
+                }
                 let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
                 let (betas, pred) = scheduler_settings(&root)?;
                 (cfg, Some(dir), betas, pred)
@@ -175,6 +184,32 @@ impl UNetSpec {
     fn dtype(&self, ctx: &BuildContext) -> DType {
         ctx.dtype_override.or(self.dtype).unwrap_or_default()
     }
+
+    /// [`Self::source`] for recipe check: where the folder does not exist on this machine and
+    /// its name is a released model's, that preset's shapes (saying so).
+    fn source_for_check(&self, ctx: &BuildContext) -> Result<(UNetConfig, DdpmNoise)> {
+        match self.source(ctx) {
+            Ok((cfg, _, noise)) => Ok((cfg, noise)),
+            Err(e) => {
+                let root = self.path.as_ref().map(|p| ctx.resolve(p));
+                let preset = root
+                    .as_ref()
+                    .filter(|r| !r.exists())
+                    .and_then(|r| preset_for_missing(KIND, r).map(|p| (r, p)));
+                let Some((root, name)) = preset else {
+                    return Err(e);
+                };
+                eprintln!("{}", preset_note(KIND, root, name));
+                let as_preset = Self {
+                    path: None,
+                    unet: None,
+                    preset: Some(name.to_string()),
+                    ..self.clone()
+                };
+                as_preset.source(ctx).map(|(cfg, _, noise)| (cfg, noise))
+            }
+        }
+    }
 }
 
 register_plugin!(
@@ -193,11 +228,21 @@ dtype = "f16"
 #[typetag::serde(name = "unet")]
 impl BackboneSpec for UNetSpec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
-        let (cfg, _, noise) = self.source(ctx)?;
         if self.unet.is_some() && self.preset.is_some() {
             return Err(Error::Recipe(
                 "backbone unet: `unet` swaps the UNet of a `path` model, not of a preset".into(),
             ));
+        }
+        let (cfg, noise) = self.source_for_check(ctx)?;
+        if let Some(p) = &self.path {
+            if let Some(folder) = PipelineFolder::open(&ctx.resolve(p))? {
+                let flavour = if cfg.has_text_time() {
+                    Flavour::Sdxl
+                } else {
+                    Flavour::Sd15
+                };
+                PipelineParts::check_folder(&folder, flavour)?;
+            }
         }
         info(&cfg, noise.prediction)
     }
@@ -419,6 +464,13 @@ impl Backbone for UNetBackbone {
     }
 
     crate::pipeline::delegate_to_pipeline!();
+
+    /// The native sample times the pipeline VAE's scale factor.
+    fn native_image_size(&self) -> Option<(i64, i64)> {
+        let [_, h, w] = self.sample_shape()?;
+        let f = self.pipeline.as_ref()?.vae_scale_factor;
+        Some((h * f, w * f))
+    }
 
     fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
         self.parts()?.sample_shape_for(height, width)
