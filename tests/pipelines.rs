@@ -465,7 +465,11 @@ fn softalign_fails(args: &[&str], cwd: &Path) -> String {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "softalign {} passed:\n{stderr}", args.join(" "));
+    assert!(
+        !out.status.success(),
+        "softalign {} passed:\n{stderr}",
+        args.join(" ")
+    );
     stderr
 }
 
@@ -562,7 +566,10 @@ fn encoder_fingerprint_follows_weight_content() {
         .set_modified(later)
         .unwrap();
     let after = build(spec.clone()).encoder_fingerprint().unwrap();
-    assert_ne!(before["vae"], after["vae"], "changed VAE weights went unnoticed");
+    assert_ne!(
+        before["vae"], after["vae"],
+        "changed VAE weights went unnoticed"
+    );
     assert_eq!(before["text"], after["text"]);
 
     // While size and mtime match, the remembered digest is used (no re-hash).
@@ -571,7 +578,11 @@ fn encoder_fingerprint_follows_weight_content() {
     m["sha256"] = "remembered".into();
     std::fs::write(&memo, m.to_string()).unwrap();
     let fp = build(spec).encoder_fingerprint().unwrap();
-    assert!(fp["vae"].to_string().contains("remembered"), "{}", fp["vae"]);
+    assert!(
+        fp["vae"].to_string().contains("remembered"),
+        "{}",
+        fp["vae"]
+    );
 }
 
 /// `init = { kind = "empty_prompt", position = "bos" }`: every token row is the text
@@ -659,11 +670,17 @@ fn sampling_settings_and_their_checks() {
     let s = run(&["--recipe", "r.toml", "--out", "s1"]);
     assert!(s.contains("DDIM 3 steps (trailing spacing, eta 0)"), "{s}");
     assert!(s.contains("steps: recipe [sampler]"), "{s}");
-    assert!(s.contains("guidance 7") && s.contains("guidance: default"), "{s}");
+    assert!(
+        s.contains("guidance 7") && s.contains("guidance: default"),
+        "{s}"
+    );
     assert!(s.contains("1 image of 1 prompt "), "{s}");
     let record = common::read_json(&d.join("s1"), "generation.json");
     assert!(
-        record["sampling"].as_str().unwrap().contains("DDIM 3 steps"),
+        record["sampling"]
+            .as_str()
+            .unwrap()
+            .contains("DDIM 3 steps"),
         "{record}"
     );
     assert_eq!(record["seed"], 0);
@@ -676,23 +693,44 @@ fn sampling_settings_and_their_checks() {
     assert!(e.contains("already holds files"), "{e}");
 
     // One side given: the other is the model's native one (16 px here).
-    run(&["--model", model, "--steps", "1", "--height", "24", "--out", "s3"]);
+    run(&[
+        "--model", model, "--steps", "1", "--height", "24", "--out", "s3",
+    ]);
     let img = image::open(d.join("s3/0000-00.png")).unwrap();
     assert_eq!((img.width(), img.height()), (16, 24));
 
     for g in ["-1", "nan", "inf"] {
-        let e = fails(&["--model", model, "--guidance", g, "--out", "g"]);
+        let flag = format!("--guidance={g}");
+        let e = fails(&["--model", model, &flag, "--out", "g"]);
         assert!(e.contains("finite number >= 0"), "--guidance {g}: {e}");
     }
-    let s = run(&["--model", model, "--steps", "1", "--guidance", "0", "--out", "s4"]);
+    let s = run(&[
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "--guidance",
+        "0",
+        "--out",
+        "s4",
+    ]);
     assert!(s.contains("guidance off"), "{s}");
     let e = fails(&[
-        "--model", model, "--steps", "3", "--guidance", "1e30", "--out", "s5",
+        "--model",
+        model,
+        "--steps",
+        "3",
+        "--guidance",
+        "1e30",
+        "--out",
+        "s5",
     ]);
     assert!(e.contains("not finite after sampling step"), "{e}");
 
     let e = softalign_fails(
-        &["eval", "--quiet", "--model", model, "--n", "1", "--out", "e"],
+        &[
+            "eval", "--quiet", "--model", model, "--n", "1", "--out", "e",
+        ],
         d,
     );
     assert!(e.contains("--geneval"), "{e}");
@@ -774,4 +812,66 @@ fn shipped_sd15_recipe_trains_on_a_tiny_pipeline() {
     std::fs::write(d.join("c.toml"), recipe(&backbone, "\"no_such_site\"")).unwrap();
     let out = softalign(&["cache", "--quiet", "--recipe", "c.toml"], d);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cached 4 samples"));
+}
+
+/// A backbone `path` / `--model` may be a Hugging Face hub id, found offline in the local hub
+/// cache (`models--org--name/snapshots/<refs/main>`); when it is not there, the error says
+/// where it looked.
+#[test]
+fn hub_ids_resolve_from_the_local_cache() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("hub/models--tiny-org--sd15");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::os::unix::fs::symlink(f.root.join("sd15"), repo.join("snapshots/c0ffee")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
+    std::fs::write(
+        d.join("r.toml"),
+        "[backbone]\ntype = \"unet\"\npath = \"tiny-org/sd15\"\n[train]\nsteps = 1\nlr = 1e-3\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], cache: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_softalign"))
+            .args(args)
+            .env("HF_HUB_CACHE", cache)
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["recipe", "check", "r.toml"], &d.join("hub"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("preset"), "{stderr}");
+    let args = [
+        "sample",
+        "--quiet",
+        "--model",
+        "tiny-org/sd15",
+        "--prompt",
+        "a cube",
+        "--n",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        "s",
+    ];
+    let out = run(&args, &d.join("hub"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.join("s/0000-00.png").is_file());
+    let mut args = args.to_vec();
+    *args.last_mut().unwrap() = "s2";
+    let out = run(&args, &d.join("empty-hub"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("models--tiny-org--sd15") && stderr.contains("never downloads"),
+        "{stderr}"
+    );
 }

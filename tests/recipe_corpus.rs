@@ -135,7 +135,10 @@ fn missing_folders_and_the_readme_example() {
     .unwrap();
     let (ok, _, stderr) = check(&d.join("r.toml"), &[]);
     assert!(!ok && stderr.contains("folder not found"), "{stderr}");
-    assert!(stderr.contains(&d.join("models/my-own").display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&d.join("models/my-own").display().to_string()),
+        "{stderr}"
+    );
 
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let example = readme
@@ -153,7 +156,10 @@ fn missing_folders_and_the_readme_example() {
     .unwrap();
     let (ok, stdout, stderr) = check(&d.join("readme.toml"), &[]);
     assert!(ok, "the README's example fails its check:\n{stderr}");
-    assert!(stderr.contains("checked against the `sd3-medium` preset"), "{stderr}");
+    assert!(
+        stderr.contains("checked against the `sd3-medium` preset"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("no [data] table"), "{stderr}");
     assert!(stdout.contains("image_manifest"), "{stdout}");
 }
@@ -204,8 +210,9 @@ fn pipeline_folders_are_checked_without_weights() {
     let (ok, _, stderr) = check(&backbone_recipe(dir.path(), "sd3", model.path()), &[]);
     assert!(!ok);
     assert!(
-        stderr.contains("is a StableDiffusionPipeline folder (a UNet model), read by type = \"unet\"")
-            && stderr.contains("backbone `sd3` reads"),
+        stderr.contains(
+            "is a StableDiffusionPipeline folder (a UNet model), read by type = \"unet\""
+        ) && stderr.contains("backbone `sd3` reads"),
         "{stderr}"
     );
     assert!(!stderr.contains("No such file"), "{stderr}");

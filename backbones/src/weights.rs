@@ -127,7 +127,8 @@ mod variant_tests {
             format!("{stem}.fp16-00001-of-00002.safetensors"),
             format!("{stem}.fp16-00002-of-00002.safetensors"),
         ];
-        let index = serde_json::json!({"weight_map": {"a": shards[0], "b": shards[1], "c": shards[0]}});
+        let index =
+            serde_json::json!({"weight_map": {"a": shards[0], "b": shards[1], "c": shards[0]}});
         std::fs::write(
             d.join(format!("{stem}.safetensors.index.fp16.json")),
             index.to_string(),

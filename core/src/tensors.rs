@@ -147,7 +147,10 @@ pub fn save_safetensors(
     // An empty metadata map is written as no metadata: some readers reject `{}` there.
     let bytes = safetensors::tensor::serialize(views, (!meta.is_empty()).then_some(meta))
         .map_err(|e| Error::file(path, format!("serialising: {e}")))?;
-    write_atomic(path, &canonical_header(bytes).map_err(|e| Error::file(path, e))?)
+    write_atomic(
+        path,
+        &canonical_header(bytes).map_err(|e| Error::file(path, e))?,
+    )
 }
 
 /// The same file with its JSON header's keys sorted: safetensors writes the metadata from a
@@ -195,7 +198,10 @@ mod canonical_tests {
         assert!(files.windows(2).all(|w| w[0] == w[1]));
         // Still a valid file with its metadata and values.
         let f = MappedSafetensors::open(dir.path().join("0.safetensors")).unwrap();
-        assert_eq!(f.metadata().unwrap().get("key7").map(String::as_str), Some("value7"));
+        assert_eq!(
+            f.metadata().unwrap().get("key7").map(String::as_str),
+            Some("value7")
+        );
         let v: Vec<f32> = f.tensor("a").unwrap().try_into().unwrap();
         assert_eq!(v, vec![1.0, 2.0]);
     }

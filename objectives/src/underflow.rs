@@ -52,7 +52,9 @@ mod tests {
         for _ in 0..UNDERFLOW_STEPS - 1 {
             assert!(w.observe(40.0, 2.8, 0.07, 4).is_none());
         }
-        let msg = w.observe(40.0, 2.8, 0.07, 4).expect("a warning after the run");
+        let msg = w
+            .observe(40.0, 2.8, 0.07, 4)
+            .expect("a warning after the run");
         assert!(msg.contains("temperature 0.07"), "{msg}");
         assert!(msg.contains("2.800e0"), "{msg}");
         assert!(msg.contains("ln(4) = 1.3863"), "{msg}");

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use softalign_core::adapter::prompt_init::EmptyPromptRows;
 use softalign_core::adapter::Adapter;
 use softalign_core::backbone::{Backbone, BackboneInfo};
 use softalign_core::objective::Objective;
 use softalign_core::plugin::BuildContext;
-use softalign_core::adapter::prompt_init::EmptyPromptRows;
 use softalign_core::recipe::{self, LoadedRecipe, Purpose};
 use softalign_core::train::config::TrainMode;
 use softalign_core::train::precision::freeze_in_dtype;

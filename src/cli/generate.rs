@@ -171,7 +171,9 @@ pub fn resolve(
     let get = |k: &str| scheduler.and_then(|c| c.get(k));
     let from_recipe = |k: &str| recipe.and_then(|r| r.get(k));
     let recipe_type = from_recipe("type").and_then(|t| t.as_str());
-    let recipe_steps = from_recipe("steps").and_then(|v| v.as_u64()).map(|v| v as usize);
+    let recipe_steps = from_recipe("steps")
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize);
     if prediction == Prediction::Velocity {
         if let Some(t) = recipe_type.filter(|t| *t != "flow_match_euler") {
             bail!(

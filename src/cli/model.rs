@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use softalign_backbones::model_folder::locate;
 use softalign_core::adapter::{load_adapter, Adapter, TokenSelection};
 use softalign_core::backbone::Backbone;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
@@ -13,12 +14,17 @@ use super::build::Built;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModelArgs {
-    /// A model folder (diffusers-style). Its type comes from `--backbone`, or else from
+    /// A model folder (diffusers-style), or a Hugging Face hub id (`org/name`) found in the
+    /// local hub cache (HF_HOME / HF_HUB_CACHE; nothing is downloaded). Its type comes from
+    /// `--backbone`, or else from
     /// `model_index.json`: a `softalign_backbone` key, or the pipeline class
     /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3, other `StableDiffusion*`
     /// pipelines, SD 1.x / 2.x / SDXL: unet).
     #[arg(long, conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
+    /// With a hub id as `--model`: the branch, tag or commit in the hub cache (default main).
+    #[arg(long, requires = "model")]
+    pub revision: Option<String>,
     /// Or a recipe whose `[backbone]` table names the model.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
@@ -95,7 +101,7 @@ pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
 pub fn backbone_kind(a: &ModelArgs) -> anyhow::Result<String> {
     match (&a.model, &a.recipe, &a.backbone) {
         (Some(_), _, Some(k)) => Ok(k.clone()),
-        (Some(dir), _, None) => detect_backbone(dir),
+        (Some(dir), _, None) => detect_backbone(&model_dir(dir, a.revision.as_deref())?),
         (None, Some(recipe), _) => {
             let loaded = softalign_core::recipe::load(recipe, &[])?;
             Ok(loaded.json["backbone"]["type"]
@@ -105,6 +111,11 @@ pub fn backbone_kind(a: &ModelArgs) -> anyhow::Result<String> {
         }
         (None, None, _) => bail!("give a model: --model DIR or --recipe FILE"),
     }
+}
+
+/// The folder `--model` names: a path, or a hub id's snapshot in the local hub cache.
+pub fn model_dir(dir: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(locate(&BuildContext::cpu("."), dir, revision)?)
 }
 
 /// Builds a backbone spec `{type, path}` for a model folder; plugins that read folders take a
@@ -120,6 +131,7 @@ impl Model {
         let mut recipe_sampler = None;
         let (backbone, folder) = match (&a.model, &a.recipe) {
             (Some(dir), None) => {
+                let dir = &model_dir(dir, a.revision.as_deref())?;
                 let kind = match &a.backbone {
                     Some(k) => k.clone(),
                     None => detect_backbone(dir)?,

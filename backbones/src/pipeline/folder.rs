@@ -38,7 +38,11 @@ impl PipelineFolder {
         let Some(entry) = self.index.get(name) else {
             return Ok(None);
         };
-        if entry.is_null() || entry.as_array().is_some_and(|a| a.iter().all(|v| v.is_null())) {
+        if entry.is_null()
+            || entry
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| v.is_null()))
+        {
             return Ok(None);
         }
         let dir = self.root.join(name);

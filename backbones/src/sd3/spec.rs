@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
-use softalign_core::site::SiteHook;
+use softalign_core::site::{SiteHook, TokenSpace};
 use softalign_core::tensors::{save_safetensors, write_atomic};
 use softalign_core::{register_plugin, Error, Result};
 use tch::nn::VarStore;
@@ -16,7 +16,7 @@ use tch::{Device, Tensor};
 use super::config::Sd3Config;
 use super::flow_match::{FlowMatch, TimestepSampling};
 use super::transformer::{sites, Sd3Transformer2DModel};
-use crate::model_folder::{not_this_model, preset_for_missing, preset_note};
+use crate::model_folder::{locate, not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::vae::VaeConfig;
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
@@ -41,9 +41,13 @@ fn default_t5_length() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct Sd3Spec {
     /// A transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
-    /// pipeline folder with a `transformer/` subfolder.
+    /// pipeline folder with a `transformer/` subfolder; or a Hugging Face hub id
+    /// (`stabilityai/stable-diffusion-3-medium-diffusers`) found in the local hub cache.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// With a hub id: the branch, tag or commit in the local hub cache (default `main`).
+    #[serde(default)]
+    pub revision: Option<String>,
     /// `sd3-medium`, `sd3.5-medium` or `sd3.5-large` with random weights (benches, tests).
     #[serde(default)]
     pub preset: Option<String>,
@@ -79,6 +83,7 @@ impl Sd3Spec {
     pub fn from_path(path: impl Into<PathBuf>) -> Self {
         Self {
             path: Some(path.into()),
+            revision: None,
             preset: None,
             dtype: None,
             timesteps: TimestepSampling::default(),
@@ -104,7 +109,7 @@ impl Sd3Spec {
     fn source(&self, ctx: &BuildContext) -> Result<(Sd3Config, Option<PathBuf>)> {
         match (&self.path, &self.preset) {
             (Some(p), None) => {
-                let root = ctx.resolve(p);
+                let root = locate(ctx, p, self.revision.as_deref())?;
                 let dir = Self::model_dir(&root);
                 if !dir.join("config.json").is_file() {
                     return Err(not_this_model(
@@ -145,10 +150,18 @@ impl Sd3Spec {
         }
     }
 
+    /// The folder `path` names, where there is one (a hub id found in the cache included).
+    fn root(&self, ctx: &BuildContext) -> Option<PathBuf> {
+        let p = self.path.as_ref()?;
+        locate(ctx, p, self.revision.as_deref()).ok()
+    }
+
     /// Pixels per latent side: the pipeline VAE's, else SD3's 8.
     fn vae_scale_factor(&self, ctx: &BuildContext) -> Result<i64> {
-        let Some(p) = &self.path else { return Ok(8) };
-        let cfg = ctx.resolve(p).join("vae").join("config.json");
+        let Some(root) = self.root(ctx) else {
+            return Ok(8);
+        };
+        let cfg = root.join("vae").join("config.json");
         if !cfg.is_file() {
             return Ok(8);
         }
@@ -180,8 +193,8 @@ impl BackboneSpec for Sd3Spec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
         let cfg = self.config_for_check(ctx)?;
         FlowMatch::new(self.timesteps.clone(), self.timestep_shift)?;
-        if let Some(p) = &self.path {
-            if let Some(folder) = PipelineFolder::open(&ctx.resolve(p))? {
+        if let Some(root) = self.root(ctx) {
+            if let Some(folder) = PipelineFolder::open(&root)? {
                 let flavour = Flavour::Sd3 {
                     t5_length: self.t5_max_length,
                     joint_attention_dim: cfg.joint_attention_dim,
@@ -208,7 +221,11 @@ impl BackboneSpec for Sd3Spec {
                     unused: self.allow_unused.clone(),
                 };
                 let mut b = Sd3Backbone::load(&dir, ctx.device, dtype, &allow, noise)?;
-                let root = ctx.resolve(self.path.as_ref().expect("a folder source has a path"));
+                let root = locate(
+                    ctx,
+                    self.path.as_ref().expect("a folder source has a path"),
+                    self.revision.as_deref(),
+                )?;
                 if let Some(folder) = PipelineFolder::open(&root)? {
                     if self.t5_max_length == 0 {
                         return Err(Error::Recipe(
@@ -363,6 +380,18 @@ impl Backbone for Sd3Backbone {
         }
         let ehs = cond.get(CONDITIONING[0])?;
         self.model.forward(x_t, t, ehs, pooled, hook)
+    }
+
+    /// The joint space is after the transformer's context_embedder (where the released SD3
+    /// tokens live); the context space is the text encoders' output itself.
+    fn prompt_tokens(&self, prompt: &str, space: TokenSpace) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let cond = self.encode_prompts(&[prompt.to_string()])?;
+        let ehs = cond.get(CONDITIONING[0])?;
+        Ok(match space {
+            TokenSpace::Context => ehs.get(0),
+            TokenSpace::Joint => self.model.embed_context(ehs).get(0),
+        })
     }
 
     /// `encoder_hidden_states` (L x joint_attention_dim, 4096 for SD3) replaced by its

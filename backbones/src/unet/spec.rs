@@ -16,7 +16,7 @@ use tch::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
-use crate::model_folder::{not_this_model, preset_for_missing, preset_note};
+use crate::model_folder::{locate, not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
@@ -31,9 +31,14 @@ pub const TIME_IDS: &str = "time_ids";
 #[serde(deny_unknown_fields)]
 pub struct UNetSpec {
     /// A pipeline folder (with `unet/` and usually `scheduler/`) or a UNet folder
-    /// (config.json + diffusion_pytorch_model*.safetensors).
+    /// (config.json + diffusion_pytorch_model*.safetensors); or a Hugging Face hub id
+    /// (`stable-diffusion-v1-5/stable-diffusion-v1-5`) found in the local hub cache.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// With a hub id in `path`: the branch, tag or commit in the local hub cache (default
+    /// `main`).
+    #[serde(default)]
+    pub revision: Option<String>,
     /// A UNet folder whose weights replace the base's (a Diffusion-DPO release, a fine-tune);
     /// everything else, the noise schedule included, comes from `path`.
     #[serde(default)]
@@ -114,6 +119,7 @@ impl UNetSpec {
     pub fn from_path(path: impl Into<PathBuf>) -> Self {
         Self {
             path: Some(path.into()),
+            revision: None,
             unet: None,
             preset: None,
             dtype: None,
@@ -149,7 +155,7 @@ impl UNetSpec {
     fn source(&self, ctx: &BuildContext) -> Result<(UNetConfig, Option<PathBuf>, DdpmNoise)> {
         let (cfg, dir, betas, pred) = match (&self.path, &self.preset) {
             (Some(p), None) => {
-                let root = ctx.resolve(p);
+                let root = locate(ctx, p, self.revision.as_deref())?;
                 let dir = Self::model_dir(&root);
                 if !dir.join("config.json").is_file() {
                     return Err(not_this_model(
@@ -202,6 +208,7 @@ impl UNetSpec {
                 eprintln!("{}", preset_note(KIND, root, name));
                 let as_preset = Self {
                     path: None,
+                    revision: None,
                     unet: None,
                     preset: Some(name.to_string()),
                     ..self.clone()
@@ -234,8 +241,12 @@ impl BackboneSpec for UNetSpec {
             ));
         }
         let (cfg, noise) = self.source_for_check(ctx)?;
-        if let Some(p) = &self.path {
-            if let Some(folder) = PipelineFolder::open(&ctx.resolve(p))? {
+        let root = self
+            .path
+            .as_ref()
+            .and_then(|p| locate(ctx, p, self.revision.as_deref()).ok());
+        if let Some(root) = root {
+            if let Some(folder) = PipelineFolder::open(&root)? {
                 let flavour = if cfg.has_text_time() {
                     Flavour::Sdxl
                 } else {
@@ -257,7 +268,7 @@ impl BackboneSpec for UNetSpec {
         };
         let mut b = match (&self.unet, dir) {
             (Some(swap), Some(base)) => {
-                let swap = Self::model_dir(&ctx.resolve(swap));
+                let swap = Self::model_dir(&locate(ctx, swap, None)?);
                 let b = UNetBackbone::load(&swap, ctx.device, dtype, &allow, noise)?;
                 // Tokens and conditioning trained for the base must fit the swapped UNet.
                 let got = b.info();
@@ -283,7 +294,8 @@ impl BackboneSpec for UNetSpec {
             (None, None) => UNetBackbone::random(&cfg, ctx.device, dtype, noise)?,
         };
         if let Some(path) = &self.path {
-            if let Some(folder) = PipelineFolder::open(&ctx.resolve(path))? {
+            let root = locate(ctx, path, self.revision.as_deref())?;
+            if let Some(folder) = PipelineFolder::open(&root)? {
                 let flavour = if cfg.has_text_time() {
                     Flavour::Sdxl
                 } else {

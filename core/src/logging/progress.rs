@@ -168,7 +168,9 @@ mod tests {
         let p = Progress::with_terminal(true, false, 0, 100);
         assert!(p.is_hidden());
         // The first update prints at once; the next only after the interval (30 s default).
-        let first = p.due_line(1, "loss 0.5000 lr 1.000e-3").expect("a first line");
+        let first = p
+            .due_line(1, "loss 0.5000 lr 1.000e-3")
+            .expect("a first line");
         assert!(
             first.starts_with("step 1/100 loss 0.5000 lr 1.000e-3, "),
             "{first}"

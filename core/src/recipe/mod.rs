@@ -159,18 +159,16 @@ fn deserialize(table: &toml::Table, sources: &[Source], overrides: &[String]) ->
 
 /// The key serde's "unknown field `x`, expected ..." names.
 fn unknown_field(message: &str) -> Option<&str> {
-    message
-        .strip_prefix("unknown field `")?
-        .split('`')
-        .next()
+    message.strip_prefix("unknown field `")?.split('`').next()
 }
 
 /// "did you mean `lr`?" for an unknown field close to one of serde's expected names.
 fn did_you_mean(message: &str) -> Option<String> {
     let field = unknown_field(message)?;
-    let expected = message.split("expected one of ").nth(1).or_else(|| {
-        message.split("expected ").nth(1)
-    })?;
+    let expected = message
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| message.split("expected ").nth(1))?;
     expected
         .split('`')
         .skip(1)

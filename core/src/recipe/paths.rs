@@ -2,7 +2,8 @@
 //! `path = "models/x"` means the base's folder even when a child in another folder extends it,
 //! and a `--set data.path=cache/x` means the working directory the command runs in. Paths are
 //! made absolute as each file is read, before merging, so errors show them absolute and a
-//! run's recipe.json repeats the run from anywhere.
+//! run's recipe.json repeats the run from anywhere. A backbone `path` / `unet` that names no
+//! folder but reads as a Hugging Face hub id (`org/name`) is left as written.
 use std::path::{Component, Path, PathBuf};
 
 use toml::{Table, Value};
@@ -17,6 +18,12 @@ pub const PATH_KEYS: [&str; 6] = ["path", "unet", "file", "annotations", "images
 /// `p` made absolute against `base` (itself made absolute against the working directory),
 /// with `.` and `..` folded away so errors read cleanly.
 pub fn absolute(p: &Path, base: &Path) -> PathBuf {
+    // `Path::parent` of a bare file name is "", which `absolute` refuses: it means ".".
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
     let joined = if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -39,21 +46,51 @@ pub fn absolute(p: &Path, base: &Path) -> PathBuf {
     out
 }
 
-/// Whether `value` under `key` is a path to resolve.
-fn is_path(key: &str, value: &Value) -> bool {
-    PATH_KEYS.contains(&key) && value.is_str()
+/// Keys that may name a Hugging Face hub model id instead of a folder.
+pub const MODEL_KEYS: [&str; 2] = ["path", "unet"];
+
+/// Whether `s` reads as a hub model id, `org/name` (optionally `/subfolder...`): relative,
+/// at least two plain components, none starting with a dot.
+pub fn looks_like_hub_id(s: &str) -> bool {
+    let p = Path::new(s);
+    let parts: Vec<_> = p.components().collect();
+    !p.is_absolute()
+        && parts.len() >= 2
+        && parts.iter().all(|c| match c {
+            Component::Normal(n) => !n.to_string_lossy().starts_with('.'),
+            _ => false,
+        })
+}
+
+/// Whether `value` under `key` is a path to resolve against `base`. In the backbone table
+/// (`hub_ok`), a model key whose value reads as a hub id and names nothing under `base` stays
+/// as written: the backbone looks it up in the local hub cache.
+fn is_path(key: &str, value: &Value, base: &Path, hub_ok: bool) -> bool {
+    let Some(s) = value.as_str().filter(|_| PATH_KEYS.contains(&key)) else {
+        return false;
+    };
+    !(hub_ok && MODEL_KEYS.contains(&key) && looks_like_hub_id(s) && !base.join(s).exists())
 }
 
 /// Every relative path value in `table` (nested tables and arrays of tables included) made
 /// absolute against `base`.
 pub fn absolutize(table: &mut Table, base: &Path) {
     for (k, v) in table.iter_mut() {
-        absolutize_value(k, v, base);
+        match v {
+            Value::Table(t) if k == "backbone" => absolutize_table(t, base, true),
+            _ => absolutize_value(k, v, base, false),
+        }
     }
 }
 
-fn absolutize_value(key: &str, v: &mut Value, base: &Path) {
-    if is_path(key, v) {
+fn absolutize_table(table: &mut Table, base: &Path, hub_ok: bool) {
+    for (k, v) in table.iter_mut() {
+        absolutize_value(k, v, base, hub_ok);
+    }
+}
+
+fn absolutize_value(key: &str, v: &mut Value, base: &Path, hub_ok: bool) {
+    if is_path(key, v, base, hub_ok) {
         let s = v.as_str().unwrap_or_default();
         if !s.is_empty() {
             *v = Value::String(absolute(Path::new(s), base).to_string_lossy().into_owned());
@@ -61,11 +98,11 @@ fn absolutize_value(key: &str, v: &mut Value, base: &Path) {
         return;
     }
     match v {
-        Value::Table(t) => absolutize(t, base),
+        Value::Table(t) => absolutize_table(t, base, false),
         Value::Array(items) => {
             for item in items {
                 if let Value::Table(t) = item {
-                    absolutize(t, base);
+                    absolutize_table(t, base, false);
                 }
             }
         }
@@ -76,8 +113,10 @@ fn absolutize_value(key: &str, v: &mut Value, base: &Path) {
 /// A `--set key.path=value` override's value, resolved against the working directory when
 /// its last key names a path.
 pub fn absolutize_override(key: &str, value: &mut Value) {
-    let last = key.rsplit('.').next().unwrap_or(key);
-    absolutize_value(last, value, Path::new("."));
+    let mut segs: Vec<&str> = key.split('.').collect();
+    let last = segs.pop().unwrap_or(key);
+    let hub_ok = segs == ["backbone"];
+    absolutize_value(last, value, Path::new("."), hub_ok);
 }
 
 #[cfg(test)]
@@ -104,8 +143,43 @@ mod tests {
             t["adapter"][0]["init"]["file"].as_str(),
             Some("/r/recipes/e.safetensors")
         );
-        assert_eq!(t["data"]["source"]["annotations"].as_str(), Some("/abs/a.json"));
-        assert_eq!(t["data"]["source"]["images"].as_str(), Some("/r/recipes/img"));
+        assert_eq!(
+            t["data"]["source"]["annotations"].as_str(),
+            Some("/abs/a.json")
+        );
+        assert_eq!(
+            t["data"]["source"]["images"].as_str(),
+            Some("/r/recipes/img")
+        );
         assert_eq!(t["name"].as_str(), Some("x"));
+    }
+
+    #[test]
+    fn hub_ids_that_name_no_folder_stay_as_written() {
+        let mut t: Table = toml::from_str(
+            r#"
+            [backbone]
+            path = "stabilityai/stable-diffusion-3-medium-diffusers"
+            [data]
+            path = "data/train.jsonl"
+            "#,
+        )
+        .unwrap();
+        absolutize(&mut t, Path::new("/nowhere/recipes"));
+        assert_eq!(
+            t["backbone"]["path"].as_str(),
+            Some("stabilityai/stable-diffusion-3-medium-diffusers")
+        );
+        assert_eq!(
+            t["data"]["path"].as_str(),
+            Some("/nowhere/recipes/data/train.jsonl")
+        );
+        assert!(looks_like_hub_id("org/name/unet"));
+        assert!(!looks_like_hub_id("./org/name"));
+        assert!(!looks_like_hub_id("/abs/name"));
+        assert!(!looks_like_hub_id("single"));
+        // A bare recipe file name's folder is "": the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(absolute(Path::new("x/y"), Path::new("")), cwd.join("x/y"));
     }
 }
