@@ -23,9 +23,11 @@ struct Cli {
 enum Command {
     /// List every plugin a recipe can name, grouped by kind.
     List(cli::list::Args),
-    /// One SD3 transformer forward on tensors from a safetensors file (parity, debugging).
+    /// One forward on named tensors from a safetensors file (SD3 transformer, UNet, CLIP / T5
+    /// text encoder, VAE), for checking a conversion.
     Forward(cli::forward::Args),
-    /// Time the MMDiT forward and forward+backward with and without soft tokens.
+    /// Time the denoiser's forward and forward+backward (SD3 MMDiT or UNet) with and without
+    /// soft tokens.
     Bench(cli::bench::Args),
     /// Recipe tools.
     #[command(subcommand)]

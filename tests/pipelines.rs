@@ -3,7 +3,7 @@
 //! researcher's path `softalign cache` -> `softalign train` -> `softalign sample` on them.
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -25,6 +25,7 @@ fn build(spec: serde_json::Value) -> Box<dyn Backbone> {
         device: Device::Cpu,
         recipe_dir: ".".into(),
         dtype_override: None,
+        empty_prompt: Default::default(),
     };
     spec.build(&ctx).unwrap()
 }
@@ -453,5 +454,424 @@ fn sd15_cache_train_sample() {
         "[\"down\"]",
         (32, 24),
         &["--height", "24", "--width", "32"],
+    );
+}
+
+/// `softalign` in `cwd`, expected to fail; its stderr.
+fn softalign_fails(args: &[&str], cwd: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "softalign {} passed:\n{stderr}",
+        args.join(" ")
+    );
+    stderr
+}
+
+/// `src` mirrored into `dst`: each entry a symlink, except those in `skip` (left out) and in
+/// `copy` (copied, so a test can change them).
+fn mirror(src: &Path, dst: &Path, skip: &[&str], copy: &[&str]) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        if copy.contains(&name.as_str()) {
+            std::fs::create_dir_all(dst.join(&name)).unwrap();
+            for f in std::fs::read_dir(e.path()).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), dst.join(&name).join(f.file_name())).unwrap();
+            }
+        } else {
+            std::os::unix::fs::symlink(e.path(), dst.join(&name)).unwrap();
+        }
+    }
+}
+
+fn build_err(spec: serde_json::Value) -> String {
+    let spec: Box<dyn BackboneSpec> = serde_json::from_value(spec).unwrap();
+    match spec.build(&BuildContext::cpu(".")) {
+        Ok(_) => panic!("the backbone built"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A pipeline whose model_index.json lists T5 but whose text_encoder_3 folder is missing (a
+/// partial download) is refused, with or without the encoders loaded (the cache fingerprint
+/// reads the folder too); `null` in model_index.json stays the deliberate no-T5 choice.
+#[test]
+fn a_listed_component_whose_folder_is_missing_is_an_error() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let partial = dir.path().join("sd3");
+    mirror(&f.root.join("sd3"), &partial, &["text_encoder_3"], &[]);
+    for encoders in [true, false] {
+        let e = build_err(serde_json::json!({
+            "type": "sd3", "path": partial, "t5_max_length": 12, "text_encoders": encoders
+        }));
+        assert!(
+            e.contains("text_encoder_3") && e.contains("folder is missing"),
+            "{e}"
+        );
+    }
+    // recipe check finds it too, without loading weights.
+    std::fs::write(
+        dir.path().join("r.toml"),
+        format!(
+            "[backbone]\ntype = \"sd3\"\npath = \"{}\"\n[train]\nsteps = 1\nlr = 1e-3\n",
+            partial.display()
+        ),
+    )
+    .unwrap();
+    let stderr = softalign_fails(&["recipe", "check", "r.toml"], dir.path());
+    assert!(stderr.contains("text_encoder_3"), "{stderr}");
+    let sd3 = build(serde_json::json!({
+        "type": "sd3", "path": f.root.join("sd3_no_t5"), "t5_max_length": 12
+    }));
+    assert!(sd3.encode_prompts(&["a cube".into()]).is_ok());
+}
+
+/// The encoding cache's fingerprint changes with the weights' content (same shapes, same
+/// header); the content digest is remembered beside the file and reused while the file's size
+/// and modification time are unchanged.
+#[test]
+fn encoder_fingerprint_follows_weight_content() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd15");
+    mirror(&f.root.join("sd15"), &model, &[], &["vae"]);
+    let spec = serde_json::json!({"type": "unet", "path": model});
+    let before = build(spec.clone()).encoder_fingerprint().unwrap();
+    let weights = model.join("vae/diffusion_pytorch_model.safetensors");
+    let memo = model.join("vae/.diffusion_pytorch_model.safetensors.softalign-sha256.json");
+    assert!(memo.is_file(), "the digest is remembered beside the file");
+
+    // Another value in the last weight, same layout.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&weights, &bytes).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let after = build(spec.clone()).encoder_fingerprint().unwrap();
+    assert_ne!(
+        before["vae"], after["vae"],
+        "changed VAE weights went unnoticed"
+    );
+    assert_eq!(before["text"], after["text"]);
+
+    // While size and mtime match, the remembered digest is used (no re-hash).
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&memo).unwrap()).unwrap();
+    m["sha256"] = "remembered".into();
+    std::fs::write(&memo, m.to_string()).unwrap();
+    let fp = build(spec).encoder_fingerprint().unwrap();
+    assert!(
+        fp["vae"].to_string().contains("remembered"),
+        "{}",
+        fp["vae"]
+    );
+}
+
+/// `init = { kind = "empty_prompt", position = "bos" }`: every token row is the text
+/// encoder's BOS output for "" (diffusers' negative prompt embedding, row 0), in the space the
+/// tokens live in; an adapter built without the encoding says what it needs.
+#[test]
+fn empty_prompt_init_copies_the_bos_row() {
+    use softalign_core::adapter::prompt_init::EmptyPromptRows;
+    use softalign_core::plugin::AdapterSpec;
+    let f = fixtures();
+    let _guard = tch::no_grad_guard();
+    let sd15 = build(serde_json::json!({"type": "unet", "path": f.root.join("sd15")}));
+    let specs: Vec<Box<dyn AdapterSpec>> = vec![serde_json::from_value(serde_json::json!({
+        "type": "soft_tokens", "tokens": 3, "sites": ["down"],
+        "init": {"kind": "empty_prompt", "position": "bos", "noise_std": 0.0}
+    }))
+    .unwrap()];
+    let err = match specs[0].build(sd15.info(), &BuildContext::cpu(".")) {
+        Ok(_) => panic!("built without the encoding"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("empty_prompt"), "{err}");
+    let mut ctx = BuildContext::cpu(".");
+    ctx.empty_prompt = EmptyPromptRows::compute(sd15.as_ref(), &specs).unwrap();
+    let adapter = specs[0].build(sd15.info(), &ctx).unwrap();
+    let (_, tokens) = &adapter.trainable()[0];
+    let refs = MappedSafetensors::open(f.root.join("reference.safetensors")).unwrap();
+    let bos = refs
+        .tensor("sd15.negative_prompt_embeds")
+        .unwrap()
+        .get(0)
+        .get(0);
+    let want = bos.view([1, 1, -1]).expand_as(tokens);
+    max_err(tokens, &want, "empty-prompt BOS init");
+
+    // SD3: the joint space is after the context_embedder, the context space before it.
+    let sd3 = build(serde_json::json!({
+        "type": "sd3", "path": f.root.join("sd3"), "t5_max_length": 12
+    }));
+    for (space, width) in [("joint", 16), ("context", 48)] {
+        let specs: Vec<Box<dyn AdapterSpec>> = vec![serde_json::from_value(serde_json::json!({
+            "type": "soft_tokens", "tokens": 2, "sites": "joint_blocks[0..1]",
+            "token_space": space, "init": {"kind": "empty_prompt"}
+        }))
+        .unwrap()];
+        let mut ctx = BuildContext::cpu(".");
+        ctx.empty_prompt = EmptyPromptRows::compute(sd3.as_ref(), &specs).unwrap();
+        let a = specs[0].build(sd3.info(), &ctx).unwrap();
+        assert_eq!(a.trainable()[0].1.size(), [1, 2, width], "{space}");
+    }
+}
+
+/// Sampling on a real pipeline: the recipe's `[sampler]` is the default and flags override it
+/// (the summary and generation.json say which); guidance must be finite and >= 0 and says when
+/// it is off; non-finite latents stop sampling; `--height` alone keeps the native width; a
+/// used output folder is refused; eval on a real model needs its prompts; an adapter of
+/// another backbone type says so.
+#[test]
+fn sampling_settings_and_their_checks() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let folder = f.root.join("sd15");
+    let model = folder.to_str().unwrap();
+    std::fs::write(
+        d.join("r.toml"),
+        format!(
+            "[backbone]\ntype = \"unet\"\npath = \"{model}\"\n\n[sampler]\ntype = \"ddim\"\n\
+             steps = 3\ntimestep_spacing = \"trailing\"\n\n[train]\nsteps = 1\nlr = 1e-3\n"
+        ),
+    )
+    .unwrap();
+    let base = ["sample", "--quiet", "--prompt", "a red cube", "--n", "1"];
+    let run = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        String::from_utf8_lossy(&softalign(&a, d).stderr).into_owned()
+    };
+    let fails = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        softalign_fails(&a, d)
+    };
+
+    let s = run(&["--recipe", "r.toml", "--out", "s1"]);
+    assert!(s.contains("DDIM 3 steps (trailing spacing, eta 0)"), "{s}");
+    assert!(s.contains("steps: recipe [sampler]"), "{s}");
+    assert!(
+        s.contains("guidance 7") && s.contains("guidance: default"),
+        "{s}"
+    );
+    assert!(s.contains("1 image of 1 prompt "), "{s}");
+    let record = common::read_json(&d.join("s1"), "generation.json");
+    assert!(
+        record["sampling"]
+            .as_str()
+            .unwrap()
+            .contains("DDIM 3 steps"),
+        "{record}"
+    );
+    assert_eq!(record["seed"], 0);
+    let s = run(&["--recipe", "r.toml", "--steps", "2", "--out", "s2"]);
+    assert!(s.contains("DDIM 2 steps (trailing spacing"), "{s}");
+    assert!(s.contains("steps: command line"), "{s}");
+
+    // The folder of an earlier sample is not mixed into.
+    let e = fails(&["--recipe", "r.toml", "--out", "s1"]);
+    assert!(e.contains("already holds files"), "{e}");
+
+    // One side given: the other is the model's native one (16 px here).
+    run(&[
+        "--model", model, "--steps", "1", "--height", "24", "--out", "s3",
+    ]);
+    let img = image::open(d.join("s3/0000-00.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (16, 24));
+
+    for g in ["-1", "nan", "inf"] {
+        let flag = format!("--guidance={g}");
+        let e = fails(&["--model", model, &flag, "--out", "g"]);
+        assert!(e.contains("finite number >= 0"), "--guidance {g}: {e}");
+    }
+    let s = run(&[
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "--guidance",
+        "0",
+        "--out",
+        "s4",
+    ]);
+    assert!(s.contains("guidance off"), "{s}");
+    let e = fails(&[
+        "--model",
+        model,
+        "--steps",
+        "3",
+        "--guidance",
+        "1e30",
+        "--out",
+        "s5",
+    ]);
+    assert!(e.contains("not finite after sampling step"), "{e}");
+
+    let e = softalign_fails(
+        &[
+            "eval", "--quiet", "--model", model, "--n", "1", "--out", "e",
+        ],
+        d,
+    );
+    assert!(e.contains("--geneval"), "{e}");
+
+    // An adapter trained for SD3 on a UNet: named as such, not as a site mismatch.
+    let sd3 = build(serde_json::json!({
+        "type": "sd3", "path": f.root.join("sd3"), "t5_max_length": 12
+    }));
+    let spec: Box<dyn softalign_core::plugin::AdapterSpec> =
+        serde_json::from_value(serde_json::json!({
+            "type": "soft_tokens", "tokens": 2, "sites": "joint_blocks[0..1]"
+        }))
+        .unwrap();
+    let adapter = spec.build(sd3.info(), &BuildContext::cpu(".")).unwrap();
+    let file = d.join("sd3-tokens.safetensors");
+    softalign_core::adapter::save_adapter(&file, adapter.as_ref(), &Default::default()).unwrap();
+    let e = fails(&[
+        "--model",
+        model,
+        "--adapter",
+        file.to_str().unwrap(),
+        "--out",
+        "s6",
+    ]);
+    assert!(e.contains("trained for a `sd3` backbone"), "{e}");
+}
+
+/// The shipped SD1.5 recipe (init from the empty prompt, no embedding file) trains on a tiny
+/// pipeline; without a terminal the trainer prints plain progress lines; resuming a finished
+/// run says there is nothing to train; `cache` does not check the adapter it never builds.
+#[test]
+fn shipped_sd15_recipe_trains_on_a_tiny_pipeline() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    manifest(d);
+    let recipe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/sd15-softrepa.toml");
+    let folder = f.root.join("sd15");
+    let sets = [
+        format!("backbone.path={}", folder.display()),
+        "backbone.dtype=\"f32\"".into(),
+        "data.type=\"image_manifest\"".into(),
+        "data.path=\"data/train.jsonl\"".into(),
+        "data.resolution=16".into(),
+        "train.steps=2".into(),
+    ];
+    let mut args: Vec<String> = vec!["train".into(), "--recipe".into()];
+    args.push(recipe.display().to_string());
+    args.extend(["--run-dir".into(), "run".into()]);
+    for s in &sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(&argv)
+        .env("SOFTALIGN_PROGRESS_SECONDS", "0")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("step 2/2 loss "), "{stderr}");
+    assert!(d.join("run/final/adapter.safetensors").is_file());
+    let recorded = common::read_json(&d.join("run"), "recipe.json");
+    assert_eq!(
+        recorded["data"]["path"],
+        d.join("data/train.jsonl").to_string_lossy().as_ref(),
+        "paths are stored absolute"
+    );
+
+    let mut again = argv.clone();
+    again.extend(["--resume", "latest", "--quiet"]);
+    let out = softalign(&again, d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nothing to train"), "{stderr}");
+
+    // `cache` builds no adapter: one whose sites fit nothing does not stop it.
+    let backbone = format!("type = \"unet\"\npath = \"{}\"", folder.display());
+    std::fs::write(d.join("c.toml"), recipe(&backbone, "\"no_such_site\"")).unwrap();
+    let out = softalign(&["cache", "--quiet", "--recipe", "c.toml"], d);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cached 4 samples"));
+}
+
+/// A backbone `path` / `--model` may be a Hugging Face hub id, found offline in the local hub
+/// cache (`models--org--name/snapshots/<refs/main>`); when it is not there, the error says
+/// where it looked.
+#[test]
+fn hub_ids_resolve_from_the_local_cache() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("hub/models--tiny-org--sd15");
+    std::fs::create_dir_all(repo.join("snapshots")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::os::unix::fs::symlink(f.root.join("sd15"), repo.join("snapshots/c0ffee")).unwrap();
+    std::fs::write(repo.join("refs/main"), "c0ffee").unwrap();
+    std::fs::write(
+        d.join("r.toml"),
+        "[backbone]\ntype = \"unet\"\npath = \"tiny-org/sd15\"\n[train]\nsteps = 1\nlr = 1e-3\n",
+    )
+    .unwrap();
+    let run = |args: &[&str], cache: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_softalign"))
+            .args(args)
+            .env("HF_HUB_CACHE", cache)
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["recipe", "check", "r.toml"], &d.join("hub"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("preset"), "{stderr}");
+    let args = [
+        "sample",
+        "--quiet",
+        "--model",
+        "tiny-org/sd15",
+        "--prompt",
+        "a cube",
+        "--n",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        "s",
+    ];
+    let out = run(&args, &d.join("hub"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.join("s/0000-00.png").is_file());
+    let mut args = args.to_vec();
+    *args.last_mut().unwrap() = "s2";
+    let out = run(&args, &d.join("empty-hub"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("models--tiny-org--sd15") && stderr.contains("never downloads"),
+        "{stderr}"
     );
 }

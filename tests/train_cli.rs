@@ -234,4 +234,26 @@ fn train_writes_a_run_folder_and_resumes_exactly() {
         .max()
         .double_value(&[]);
     assert!(moved > 1e-4, "tokens barely moved in 5 steps ({moved})");
+
+    // The run's recipe.json (paths absolute) is a recipe: from another working directory it
+    // repeats the run, and the adapter file is the same byte for byte.
+    let again = dir.join("again");
+    let out = Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["train", "--quiet", "--recipe"])
+        .arg(straight.join("recipe.json"))
+        .arg("--run-dir")
+        .arg(&again)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(straight.join("final/adapter.safetensors")).unwrap()
+            == std::fs::read(again.join("final/adapter.safetensors")).unwrap(),
+        "two identical runs wrote different adapter files"
+    );
 }

@@ -73,6 +73,7 @@ pub fn bench_tokens(
         device: backbone.device(),
         recipe_dir: ".".into(),
         dtype_override: None,
+        empty_prompt: Default::default(),
     };
     spec.build(backbone.info(), &ctx)
 }

@@ -12,31 +12,92 @@ use softalign_core::{Error, Result};
 use tch::nn::VarStore;
 
 /// The weight files of a diffusers model folder: `{stem}.safetensors`, or the shards listed in
-/// `{stem}.safetensors.index.json`.
+/// `{stem}.safetensors.index.json`; else one precision variant as diffusers saves it with
+/// `variant = "fp16"` (`{stem}.fp16.safetensors`, or `{stem}.safetensors.index.fp16.json`
+/// and its shards). Values are cast to the dtype asked for, so which variant only matters
+/// when there are several: that is an error naming them.
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     let single = dir.join(format!("{stem}.safetensors"));
     if single.is_file() {
         return Ok(vec![single]);
     }
     let index = dir.join(format!("{stem}.safetensors.index.json"));
-    if !index.is_file() {
-        return Err(Error::file(
-            dir,
-            format!("holds neither {stem}.safetensors nor {stem}.safetensors.index.json"),
-        ));
+    if index.is_file() {
+        return index_files(dir, &index);
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+    let variants = variant_files(dir, stem);
+    match variants.as_slice() {
+        [(_, Variant::Single(p))] => Ok(vec![p.clone()]),
+        [(_, Variant::Index(p))] => index_files(dir, p),
+        [] => Err(Error::file(
+            dir,
+            format!(
+                "holds neither {stem}.safetensors nor {stem}.safetensors.index.json (nor a \
+                 variant such as {stem}.fp16.safetensors)"
+            ),
+        )),
+        many => Err(Error::file(
+            dir,
+            format!(
+                "holds several weight variants ({}) and no {stem}.safetensors; keep one",
+                many.iter()
+                    .map(|(v, _)| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+enum Variant {
+    Single(PathBuf),
+    Index(PathBuf),
+}
+
+/// `{stem}.{v}.safetensors` and `{stem}.safetensors.index.{v}.json` files, by variant `v`
+/// (an index wins over a single file of the same variant).
+fn variant_files(dir: &Path, stem: &str) -> Vec<(String, Variant)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: BTreeMap<String, Variant> = BTreeMap::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let index = name
+            .strip_prefix(&format!("{stem}.safetensors.index."))
+            .and_then(|r| r.strip_suffix(".json"));
+        let single = name
+            .strip_prefix(&format!("{stem}."))
+            .and_then(|r| r.strip_suffix(".safetensors"));
+        match (index, single) {
+            (Some(v), _) if !v.is_empty() && !v.contains('.') => {
+                found.insert(v.to_string(), Variant::Index(e.path()));
+            }
+            (None, Some(v)) if !v.is_empty() && !v.contains('.') && !v.contains('-') => {
+                found
+                    .entry(v.to_string())
+                    .or_insert(Variant::Single(e.path()));
+            }
+            _ => {}
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The shard files an index's `weight_map` names.
+fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::file(index, e))?;
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("not JSON: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::file(index, format!("not JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+        .ok_or_else(|| Error::file(index, "no `weight_map` object"))?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
         let file = file
             .as_str()
-            .ok_or_else(|| Error::file(&index, format!("weight_map[`{name}`] is not a string")))?;
+            .ok_or_else(|| Error::file(index, format!("weight_map[`{name}`] is not a string")))?;
         let p = dir.join(file);
         if !files.contains(&p) {
             files.push(p);
@@ -44,6 +105,50 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     }
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod variant_tests {
+    use super::weight_files;
+
+    #[test]
+    fn fp16_variants_single_and_sharded() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let stem = "diffusion_pytorch_model";
+        assert!(weight_files(d, stem).is_err());
+        std::fs::write(d.join(format!("{stem}.fp16.safetensors")), b"x").unwrap();
+        assert_eq!(
+            weight_files(d, stem).unwrap(),
+            vec![d.join(format!("{stem}.fp16.safetensors"))]
+        );
+        // Sharded fp16: the index names the shards.
+        let shards = [
+            format!("{stem}.fp16-00001-of-00002.safetensors"),
+            format!("{stem}.fp16-00002-of-00002.safetensors"),
+        ];
+        let index =
+            serde_json::json!({"weight_map": {"a": shards[0], "b": shards[1], "c": shards[0]}});
+        std::fs::write(
+            d.join(format!("{stem}.safetensors.index.fp16.json")),
+            index.to_string(),
+        )
+        .unwrap();
+        assert_eq!(
+            weight_files(d, stem).unwrap(),
+            vec![d.join(&shards[0]), d.join(&shards[1])]
+        );
+        // Two variants and no plain file: which one is ambiguous.
+        std::fs::write(d.join(format!("{stem}.bf16.safetensors")), b"x").unwrap();
+        let e = weight_files(d, stem).unwrap_err().to_string();
+        assert!(e.contains("bf16, fp16"), "{e}");
+        // The plain file wins over any variant.
+        std::fs::write(d.join(format!("{stem}.safetensors")), b"x").unwrap();
+        assert_eq!(
+            weight_files(d, stem).unwrap(),
+            vec![d.join(format!("{stem}.safetensors"))]
+        );
+    }
 }
 
 /// What a partial load may leave out, by exact name or by prefix ending in `.` or `*`

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::site::{SiteHook, SiteInfo};
+use crate::site::{SiteHook, SiteInfo, TokenSpace};
 use crate::{Error, Result};
 
 /// What the network's output means.
@@ -139,6 +139,14 @@ pub trait Backbone: Send {
             self.info().kind
         )))
     }
+    /// One prompt's text tokens (L, D) as a text-context site takes them in `space`: the
+    /// `encoder_hidden_states` row of `encode_prompts` by default; a backbone with an input
+    /// projection (SD3's context_embedder) passes them through it for the joint space.
+    fn prompt_tokens(&self, prompt: &str, space: TokenSpace) -> Result<Tensor> {
+        let _ = space;
+        let cond = self.encode_prompts(&[prompt.to_string()])?;
+        Ok(cond.get("encoder_hidden_states")?.get(0))
+    }
     /// The unconditional branch of classifier-free guidance for one prompt: the encoded empty
     /// prompt, or what the pipeline uses instead (SDXL's `force_zeros_for_empty_prompt`: zeros).
     fn null_conditioning(&self) -> Result<Conditioning> {
@@ -180,6 +188,11 @@ pub trait Backbone: Send {
     }
     /// (C, H, W) of the sample the network denoises at its native resolution, where known.
     fn sample_shape(&self) -> Option<[i64; 3]> {
+        None
+    }
+    /// (height, width) in pixels of the images the model makes at its native resolution,
+    /// where it knows both its native sample and its image codec.
+    fn native_image_size(&self) -> Option<(i64, i64)> {
         None
     }
     /// (C, h, w) of the sample for an image of `height` x `width` pixels, where the backbone

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tch::Device;
 
+use crate::adapter::prompt_init::{EmptyPromptRows, PromptRowRequest};
 use crate::adapter::Adapter;
 use crate::backbone::{Backbone, BackboneInfo};
 use crate::dataset::Dataset;
@@ -22,6 +23,9 @@ pub struct BuildContext {
     pub recipe_dir: PathBuf,
     /// The command line's `--dtype` where given; otherwise the spec's own.
     pub dtype_override: Option<DType>,
+    /// The empty prompt's encoding, for adapters that start from it (filled from the loaded
+    /// backbone before the adapters are built; empty otherwise).
+    pub empty_prompt: EmptyPromptRows,
 }
 
 impl BuildContext {
@@ -30,6 +34,7 @@ impl BuildContext {
             device: Device::Cpu,
             recipe_dir: recipe_dir.into(),
             dtype_override: None,
+            empty_prompt: EmptyPromptRows::default(),
         }
     }
     pub fn resolve(&self, p: &Path) -> PathBuf {
@@ -46,6 +51,13 @@ pub trait BackboneSpec: Debug + Send + Sync {
     /// Kind, sites and conditioning, known without loading weights (a spec pointing at a folder
     /// reads its config.json).
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo>;
+    /// Whether training images of `height` x `width` pixels fit the model, known without
+    /// weights (SD3: multiples of the patch in pixels, within the positional table). The error
+    /// states the rule in pixels.
+    fn check_image_size(&self, ctx: &BuildContext, height: i64, width: i64) -> Result<()> {
+        let _ = (ctx, height, width);
+        Ok(())
+    }
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>>;
 }
 
@@ -56,6 +68,17 @@ pub trait AdapterSpec: Debug + Send + Sync {
         Vec::new()
     }
     fn validate(&self, backbone: &BackboneInfo) -> Result<()>;
+    /// The files the adapter reads when built (an init embedding), opened and checked against
+    /// the backbone without loading weights.
+    fn check_files(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<()> {
+        let _ = (backbone, ctx);
+        Ok(())
+    }
+    /// The row of the empty prompt's encoding the adapter starts from, if any
+    /// (`ctx.empty_prompt` holds it when `build` is called).
+    fn empty_prompt_row(&self) -> Option<PromptRowRequest> {
+        None
+    }
     fn build(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<Box<dyn Adapter>>;
 }
 
@@ -66,6 +89,11 @@ pub trait ObjectiveSpec: Debug + Send + Sync {
     /// that an adapter provides each.
     fn token_sets(&self) -> Vec<(String, bool)> {
         Vec::new()
+    }
+    /// The fewest images per micro-batch (`train.images_per_step`) the objective can learn
+    /// from; recipe check refuses fewer (a contrastive loss over one image is constant).
+    fn min_images_per_step(&self) -> i64 {
+        1
     }
     fn build(&self) -> Result<Box<dyn Objective>>;
 }
@@ -79,6 +107,11 @@ pub trait SamplerSpec: Debug + Send + Sync {
 #[typetag::serde(tag = "type")]
 pub trait DatasetSpec: Debug + Send + Sync {
     fn validate(&self, ctx: &BuildContext) -> Result<()>;
+    /// (height, width) in pixels of the images the dataset yields, where fixed (checked
+    /// against the backbone by recipe check).
+    fn image_size(&self) -> Option<(i64, i64)> {
+        None
+    }
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Dataset>>;
     /// The `encoded_cache` spec, which `softalign cache` fills.
     fn encoding_cache(&self) -> Option<&crate::cache::EncodedCacheSpec> {

@@ -3,7 +3,7 @@ use tch::Tensor;
 
 use crate::adapter::{Adapter, TokenSelection};
 use crate::backbone::{Backbone, Conditioning};
-use crate::Result;
+use crate::{Error, Result};
 
 /// Which tokens each guidance branch uses. `None` runs that branch without adapters.
 /// SoftREPA puts its tokens in both branches; AGSM the positive set in both.
@@ -28,4 +28,21 @@ pub struct SampleRequest<'a> {
 pub trait Sampler: Send {
     fn name(&self) -> &str;
     fn sample(&self, req: SampleRequest<'_>) -> Result<Tensor>;
+}
+
+/// Stops sampling once the latents are no longer finite (a huge guidance scale, an fp16
+/// overflow): decoding them would write black or noise images and report success.
+pub fn check_finite(x: &Tensor, step: usize, steps: usize, guidance: f64) -> Result<()> {
+    let finite = x.isfinite().all().int64_value(&[]) != 0;
+    if finite {
+        return Ok(());
+    }
+    Err(Error::tensor(
+        "latents",
+        format!(
+            "not finite after sampling step {} of {steps} (guidance scale {guidance}); lower \
+             the guidance scale, or sample in another dtype",
+            step + 1
+        ),
+    ))
 }

@@ -113,6 +113,16 @@ pub enum SiteSelector {
     Many(Vec<String>),
 }
 
+/// As a user wrote it: `joint_blocks[0..5]`, or the list joined by ", ".
+impl std::fmt::Display for SiteSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SiteSelector::One(s) => f.write_str(s),
+            SiteSelector::Many(v) => f.write_str(&v.join(", ")),
+        }
+    }
+}
+
 impl SiteSelector {
     fn patterns(&self) -> Vec<&str> {
         match self {

@@ -147,7 +147,64 @@ pub fn save_safetensors(
     // An empty metadata map is written as no metadata: some readers reject `{}` there.
     let bytes = safetensors::tensor::serialize(views, (!meta.is_empty()).then_some(meta))
         .map_err(|e| Error::file(path, format!("serialising: {e}")))?;
-    write_atomic(path, &bytes)
+    write_atomic(
+        path,
+        &canonical_header(bytes).map_err(|e| Error::file(path, e))?,
+    )
+}
+
+/// The same file with its JSON header's keys sorted: safetensors writes the metadata from a
+/// HashMap, whose order changes from process to process, so two identical runs would write
+/// adapter files that differ in bytes. Offsets are relative to the data, so only the header
+/// (padded with spaces to 8 bytes, as safetensors pads it) is rewritten.
+fn canonical_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let n = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or("no header")?;
+    let header = bytes.get(8..8 + n).ok_or("header past the end")?;
+    // serde_json's Map is ordered by key (no `preserve_order`), so this sorts.
+    let json: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let mut text = serde_json::to_vec(&json).map_err(|e| format!("header: {e}"))?;
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod canonical_tests {
+    use super::*;
+
+    #[test]
+    fn identical_content_writes_identical_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = vec![("a".to_string(), Tensor::from_slice(&[1f32, 2.0]))];
+        let meta: BTreeMap<String, String> = (0..16)
+            .map(|i| (format!("key{i}"), format!("value{i}")))
+            .collect();
+        let files: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.safetensors"));
+                save_safetensors(&p, &t, &meta).unwrap();
+                std::fs::read(&p).unwrap()
+            })
+            .collect();
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        // Still a valid file with its metadata and values.
+        let f = MappedSafetensors::open(dir.path().join("0.safetensors")).unwrap();
+        assert_eq!(
+            f.metadata().unwrap().get("key7").map(String::as_str),
+            Some("value7")
+        );
+        let v: Vec<f32> = f.tensor("a").unwrap().try_into().unwrap();
+        assert_eq!(v, vec![1.0, 2.0]);
+    }
 }
 
 /// SHA-256 over names, dtypes, shapes and bytes of `tensors` (in the given order).

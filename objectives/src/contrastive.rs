@@ -8,6 +8,7 @@ use softalign_core::plugin::ObjectiveSpec;
 use softalign_core::{register_plugin, Error, Result};
 use tch::{Kind, Tensor};
 
+use crate::underflow::UnderflowWatch;
 use crate::util::{pair_errors, unit_weight};
 
 /// Which way the cross-entropy runs over the B x B logits.
@@ -113,6 +114,11 @@ impl ObjectiveSpec for ContrastiveSpec {
         self.tokens.iter().map(|s| (s.clone(), false)).collect()
     }
 
+    /// One image has only its own caption: the softmax over one logit is 1, the loss 0.
+    fn min_images_per_step(&self) -> i64 {
+        2
+    }
+
     fn build(&self) -> Result<Box<dyn Objective>> {
         self.validate()?;
         Ok(Box::new(Contrastive {
@@ -121,6 +127,7 @@ impl ObjectiveSpec for ContrastiveSpec {
                 set: self.tokens.clone(),
                 ema: false,
             },
+            underflow: UnderflowWatch::default(),
         }))
     }
 }
@@ -128,6 +135,7 @@ impl ObjectiveSpec for ContrastiveSpec {
 pub struct Contrastive {
     spec: ContrastiveSpec,
     sel: TokenSelection,
+    underflow: UnderflowWatch,
 }
 
 impl Contrastive {
@@ -188,6 +196,16 @@ impl Objective for Contrastive {
         let preds = step.predictions(&self.sel, true)?;
         let err = pair_errors(&preds, step.target());
         let tau = self.tau(step.timestep()).unsqueeze(1);
+        let ratio = (&err / &tau).detach();
+        let warning = self.underflow.observe(
+            ratio.min().double_value(&[]),
+            err.detach().mean(Kind::Float).double_value(&[]),
+            tau.mean(Kind::Float).double_value(&[]),
+            b,
+        );
+        if let Some(w) = warning {
+            eprintln!("{w}");
+        }
         let logits = (-(&err / tau)).exp() * self.spec.scale;
         let labels = Tensor::arange(b, (Kind::Int64, err.device()));
         // In the logits' own precision (tch's cross_entropy_for_logits casts to fp32).

@@ -6,6 +6,7 @@ pub mod contrastive;
 pub mod dsm;
 pub mod step;
 pub mod task;
+pub mod underflow;
 mod util;
 
 pub use step::{StepContext, StepInputs, StepOptions, StepResult};

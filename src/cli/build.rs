@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use softalign_core::adapter::prompt_init::EmptyPromptRows;
 use softalign_core::adapter::Adapter;
 use softalign_core::backbone::{Backbone, BackboneInfo};
 use softalign_core::objective::Objective;
 use softalign_core::plugin::BuildContext;
-use softalign_core::recipe::{self, LoadedRecipe};
+use softalign_core::recipe::{self, LoadedRecipe, Purpose};
 use softalign_core::train::config::TrainMode;
 use softalign_core::train::precision::freeze_in_dtype;
 use softalign_core::train::seed::seed_everything;
@@ -34,17 +35,37 @@ impl Built {
         seed: Option<u64>,
         with_adapters: bool,
     ) -> anyhow::Result<Self> {
-        let loaded = recipe::load(recipe_path, sets)?;
-        let info = recipe::check(&loaded)?;
+        Self::from_loaded(recipe::load(recipe_path, sets)?, seed, with_adapters)
+    }
+
+    /// [`Built::new`] for a recipe already loaded. Without adapters only what the backbone
+    /// side uses is checked (`cache` never builds the adapters, so their sites need not fit).
+    pub fn from_loaded(
+        loaded: LoadedRecipe,
+        seed: Option<u64>,
+        with_adapters: bool,
+    ) -> anyhow::Result<Self> {
+        let purpose = if with_adapters {
+            Purpose::Train
+        } else {
+            Purpose::Backbone
+        };
+        let info = recipe::check_for(&loaded, purpose)?;
         let r = &loaded.recipe;
         let device = r.train.device.resolve()?;
-        let ctx = BuildContext {
+        let mut ctx = BuildContext {
             device,
             recipe_dir: loaded.dir.clone(),
             dtype_override: None,
+            empty_prompt: Default::default(),
         };
         seed_everything(seed.unwrap_or(r.seed));
         let backbone = r.backbone.build(&ctx).context("building the backbone")?;
+        if with_adapters {
+            // Adapters that start from the empty prompt's encoding get it from the backbone.
+            ctx.empty_prompt = EmptyPromptRows::compute(backbone.as_ref(), &r.adapter)
+                .context("building the adapters")?;
+        }
         let adapters = if with_adapters {
             r.adapter
                 .iter()
@@ -74,22 +95,27 @@ impl Built {
     /// As [`Built::new`], with the training precision policy applied: the backbone's weights in
     /// `train.weights_dtype` and frozen (adapter mode), or trainable in fp32 (full mode).
     pub fn for_training(recipe_path: &Path, sets: &[String]) -> anyhow::Result<Self> {
-        let mut b = Self::new(recipe_path, sets, None, true)?;
-        let train = &b.loaded.recipe.train;
-        if b.objectives.is_empty() {
+        let loaded = recipe::load(recipe_path, sets)?;
+        // What training needs besides a valid recipe, refused before any weights load (and
+        // so before a run folder exists).
+        let r = &loaded.recipe;
+        let path = loaded.path.display();
+        if r.objective.is_empty() {
+            bail!("recipe {path}: names no [[objective]] to train with");
+        }
+        if r.data.is_none() {
             bail!(
-                "recipe {}: names no [[objective]] to train with",
-                b.loaded.path.display()
+                "recipe {path}: training needs a [data] table (`softalign list --examples` \
+                 shows the dataset types)"
             );
         }
-        if train.mode == TrainMode::Adapter {
-            if b.adapters.is_empty() {
-                bail!(
-                    "recipe {}: train.mode = \"adapter\" but the recipe names no [[adapter]]",
-                    b.loaded.path.display()
-                );
-            }
-            freeze_in_dtype(b.backbone.var_store_mut(), train.weights_dtype);
+        if r.train.mode == TrainMode::Adapter && r.adapter.is_empty() {
+            bail!("recipe {path}: train.mode = \"adapter\" but the recipe names no [[adapter]]");
+        }
+        let mut b = Self::from_loaded(loaded, None, true)?;
+        if b.loaded.recipe.train.mode == TrainMode::Adapter {
+            let dtype = b.loaded.recipe.train.weights_dtype;
+            freeze_in_dtype(b.backbone.var_store_mut(), dtype);
         }
         Ok(b)
     }

@@ -19,6 +19,7 @@ pub struct Args {
     /// Samples per encoder call.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// No progress output.
     #[arg(long)]
     pub quiet: bool,
 }

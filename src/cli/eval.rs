@@ -15,8 +15,9 @@ use softalign_worlds::geneval::{
 };
 
 use super::generate::{generate, GenSettings};
-use super::model::{Model, ModelArgs};
+use super::model::{backbone_kind, Model, ModelArgs};
 use super::progress::bar;
+use super::provenance;
 
 /// The backbone kind whose images the shapes world's scorer can judge.
 pub const SHAPES_KIND: &str = "shapes";
@@ -25,8 +26,8 @@ pub const SHAPES_KIND: &str = "shapes";
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// GenEval's `evaluation_metadata.jsonl` (default: the shapes world's held-out prompts);
-    /// `--geneval` is the same option.
+    /// GenEval's `evaluation_metadata.jsonl` (`--geneval` is the same option). Required for
+    /// real models; the shapes world's model defaults to its held-out prompts.
     #[arg(long, visible_alias = "geneval")]
     pub prompts: Option<PathBuf>,
     #[command(flatten)]
@@ -36,8 +37,10 @@ pub struct Args {
     /// Generate only, even where the images could be scored.
     #[arg(long)]
     pub no_score: bool,
+    /// Output folder in GenEval's layout (new or empty).
     #[arg(long)]
     pub out: PathBuf,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -65,6 +68,8 @@ pub struct Evaluation {
     /// `None` when the images were not scored.
     pub scored: Option<(Vec<ImageResult>, Summary)>,
     pub generate_s: f64,
+    /// The sampler and guidance used, as the summary states them.
+    pub sampling: String,
 }
 
 /// Generates, writes and (when `score`) scores `prompts` for `model` into `out`.
@@ -88,7 +93,7 @@ pub fn evaluate(
     let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
     let pb = bar((prompts.len() * gen.n) as u64, label, "images", quiet);
     let start = std::time::Instant::now();
-    generate(model, &texts, gen, |p, images| {
+    let sampling = generate(model, &texts, gen, |p, images| {
         write_prompt_samples(out, p, &prompts[p], &images)?;
         pb.inc(images.len() as u64);
         Ok(())
@@ -115,12 +120,21 @@ pub fn evaluate(
         images: prompts.len() * gen.n,
         scored,
         generate_s,
+        sampling,
     })
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    a.gen.validate()?;
+    let kind = backbone_kind(&a.model)?;
     let prompts = match &a.prompts {
         Some(f) => read_metadata_jsonl(f)?,
+        // The shapes world's prompts mean nothing to a model trained on photographs.
+        None if kind != SHAPES_KIND => bail!(
+            "backbone `{kind}`: give the evaluation prompts with --geneval \
+             evaluation_metadata.jsonl (GenEval's prompt file); only the `{SHAPES_KIND}` world's \
+             model has built-in evaluation prompts"
+        ),
         None => a.prompt_set.prompts(),
     };
     if prompts.is_empty() {
@@ -138,11 +152,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "generating",
         a.quiet,
     )?;
+    provenance::write(&a.out, "eval", &a.model, &model, &a.gen, &ev.sampling)?;
     eprintln!(
-        "{} images of {} prompts from {} in {:.1} s -> {}",
-        ev.images,
-        prompts.len(),
+        "{} of {} from {} ({}) in {:.1} s -> {}",
+        provenance::count(ev.images, "image", "images"),
+        provenance::count(prompts.len(), "prompt", "prompts"),
         model.describe(),
+        ev.sampling,
         ev.generate_s,
         a.out.display()
     );

@@ -70,6 +70,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         device,
         recipe_dir: PathBuf::from("."),
         dtype_override: Some(dtype),
+        empty_prompt: Default::default(),
     };
     let (backbone, sample_name) = if super::forward_unet::is_unet(&a.model) {
         let b = super::forward_unet::build(&a.model, a.unet.as_ref(), &ctx)?;

@@ -193,6 +193,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         device: Device::Cpu,
         recipe_dir: PathBuf::from("."),
         dtype_override: None,
+        empty_prompt: Default::default(),
     };
     let mut adapter = plan
         .spec
@@ -212,7 +213,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     save_adapter(&a.output, adapter.as_ref(), &extra)
         .with_context(|| format!("writing {}", a.output.display()))?;
     eprintln!(
-        "wrote {} ({} backbone, sites {:?}, {} tokens{})",
+        "wrote {} ({} backbone, sites {}, {} tokens{})",
         a.output.display(),
         a.backbone,
         plan.spec.sites,

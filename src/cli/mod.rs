@@ -18,6 +18,7 @@ pub mod loss;
 pub mod model;
 pub mod paired;
 pub mod progress;
+pub mod provenance;
 pub mod recipe;
 pub mod report;
 pub mod sample;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use softalign_backbones::model_folder::locate;
 use softalign_core::adapter::{load_adapter, Adapter, TokenSelection};
 use softalign_core::backbone::Backbone;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
@@ -13,12 +14,17 @@ use super::build::Built;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ModelArgs {
-    /// A model folder (diffusers-style). Its type comes from `--backbone`, or else from
+    /// A model folder (diffusers-style), or a Hugging Face hub id (`org/name`) found in the
+    /// local hub cache (HF_HOME / HF_HUB_CACHE; nothing is downloaded). Its type comes from
+    /// `--backbone`, or else from
     /// `model_index.json`: a `softalign_backbone` key, or the pipeline class
     /// (`SoftalignShapesPipeline`: shapes, `StableDiffusion3*`: sd3, other `StableDiffusion*`
     /// pipelines, SD 1.x / 2.x / SDXL: unet).
     #[arg(long, conflicts_with = "recipe")]
     pub model: Option<PathBuf>,
+    /// With a hub id as `--model`: the branch, tag or commit in the hub cache (default main).
+    #[arg(long, requires = "model")]
+    pub revision: Option<String>,
     /// Or a recipe whose `[backbone]` table names the model.
     #[arg(long)]
     pub recipe: Option<PathBuf>,
@@ -44,6 +50,9 @@ pub struct Model {
     pub selection: Option<TokenSelection>,
     /// The model folder's scheduler/scheduler_config.json (sampler settings), where it has one.
     pub scheduler_config: Option<serde_json::Value>,
+    /// The recipe's resolved `[sampler]` table when the model came from `--recipe`: the
+    /// default sampling settings, which command-line flags override.
+    pub recipe_sampler: Option<serde_json::Value>,
 }
 
 /// `scheduler/scheduler_config.json` of a pipeline folder, if present.
@@ -87,6 +96,28 @@ pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The backbone type `ModelArgs` name, known before any weights load: `--backbone`, the
+/// folder's model_index.json, or the recipe's `[backbone] type`.
+pub fn backbone_kind(a: &ModelArgs) -> anyhow::Result<String> {
+    match (&a.model, &a.recipe, &a.backbone) {
+        (Some(_), _, Some(k)) => Ok(k.clone()),
+        (Some(dir), _, None) => detect_backbone(&model_dir(dir, a.revision.as_deref())?),
+        (None, Some(recipe), _) => {
+            let loaded = softalign_core::recipe::load(recipe, &[])?;
+            Ok(loaded.json["backbone"]["type"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string())
+        }
+        (None, None, _) => bail!("give a model: --model DIR or --recipe FILE"),
+    }
+}
+
+/// The folder `--model` names: a path, or a hub id's snapshot in the local hub cache.
+pub fn model_dir(dir: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+    Ok(locate(&BuildContext::cpu("."), dir, revision)?)
+}
+
 /// Builds a backbone spec `{type, path}` for a model folder; plugins that read folders take a
 /// `path` field.
 fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> {
@@ -97,8 +128,10 @@ fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> 
 
 impl Model {
     pub fn load(a: &ModelArgs) -> anyhow::Result<Model> {
+        let mut recipe_sampler = None;
         let (backbone, folder) = match (&a.model, &a.recipe) {
             (Some(dir), None) => {
+                let dir = &model_dir(dir, a.revision.as_deref())?;
                 let kind = match &a.backbone {
                     Some(k) => k.clone(),
                     None => detect_backbone(dir)?,
@@ -107,6 +140,7 @@ impl Model {
                     device: Device::cuda_if_available(),
                     recipe_dir: PathBuf::from("."),
                     dtype_override: None,
+                    empty_prompt: Default::default(),
                 };
                 let b = folder_spec(&kind, dir)?
                     .build(&ctx)
@@ -122,6 +156,12 @@ impl Model {
                     .and_then(|b| b.get("path"))
                     .and_then(|p| p.as_str())
                     .map(|p| built.ctx.resolve(Path::new(p)));
+                recipe_sampler = built
+                    .loaded
+                    .json
+                    .get("sampler")
+                    .filter(|v| !v.is_null())
+                    .cloned();
                 (built.backbone, folder)
             }
             _ => bail!("give a model: --model DIR or --recipe FILE"),
@@ -168,6 +208,7 @@ impl Model {
             adapters,
             selection,
             scheduler_config,
+            recipe_sampler,
         })
     }
 

@@ -20,6 +20,9 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Check { file, set } => {
             let loaded = softalign_core::recipe::load(&file, &set)?;
             let info = softalign_core::recipe::check(&loaded)?;
+            for note in softalign_core::recipe::training_notes(&loaded) {
+                eprintln!("note: {note}");
+            }
             let out = serde_json::json!({
                 "recipe": loaded.json,
                 "hash": loaded.hash,

@@ -10,6 +10,7 @@ use super::generate::{generate, GenSettings};
 use super::grid::{save_png, simple_grid};
 use super::model::{Model, ModelArgs};
 use super::progress::bar;
+use super::provenance;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,7 +27,7 @@ pub struct Args {
     /// Grid tiles are this many times the image size.
     #[arg(long, default_value_t = 4)]
     pub grid_scale: u32,
-    /// Output folder.
+    /// Output folder: new or empty (images of another run are never mixed in).
     #[arg(long)]
     pub out: PathBuf,
     /// No progress bar.
@@ -58,6 +59,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("no prompts: give --prompt TEXT (repeatable) or --prompts FILE");
     }
+    a.gen.validate()?;
+    refuse_used_folder(&a.out)?;
     let model = Model::load(&a.model)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let pb = bar(
@@ -80,12 +83,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let list = a.out.join("prompts.txt");
     std::fs::write(&list, prompts.join("\n") + "\n")
         .with_context(|| format!("writing {}", list.display()))?;
+    provenance::write(&a.out, "sample", &a.model, &model, &a.gen, &how)?;
     eprintln!(
-        "{} images of {} prompts from {} ({how}) in {}",
-        prompts.len() * a.gen.n,
-        prompts.len(),
+        "{} of {} from {} ({how}) in {}",
+        provenance::count(prompts.len() * a.gen.n, "image", "images"),
+        provenance::count(prompts.len(), "prompt", "prompts"),
         model.describe(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// A folder that already holds files would mix earlier images with these (same names,
+/// another model or seed): refused, as `eval` refuses.
+fn refuse_used_folder(out: &Path) -> anyhow::Result<()> {
+    let used = std::fs::read_dir(out)
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if used {
+        bail!(
+            "{} already holds files (an earlier sample?); choose a new or empty --out",
+            out.display()
+        );
+    }
     Ok(())
 }

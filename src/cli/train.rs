@@ -24,7 +24,7 @@ pub struct Args {
     /// Resume even though the recipe changed since the checkpoint (e.g. more steps).
     #[arg(long)]
     pub allow_recipe_change: bool,
-    /// No progress bar.
+    /// No progress output (no bar, and no plain progress lines when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
 }
@@ -61,7 +61,21 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
     let mut task = built.into_task()?;
     let s = train(&train_cfg, &logging, opts, &mut task)
         .with_context(|| format!("training into {}", run_dir.display()))?;
-    eprintln!(
+    eprintln!("{}", summary_line(&s));
+    Ok(s)
+}
+
+/// The closing line: what this invocation trained (nothing, for a finished run resumed).
+pub fn summary_line(s: &TrainSummary) -> String {
+    if s.start_step >= s.steps {
+        return format!(
+            "nothing to train: the run was already at step {} of {}; result in {}",
+            s.start_step,
+            s.steps,
+            s.final_dir.display()
+        );
+    }
+    format!(
         "trained steps {}..{} in {:.1} s ({} skipped); last loss {}; result in {}",
         s.start_step,
         s.steps,
@@ -71,6 +85,5 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
             .map(|l| format!("{l:.5}"))
             .unwrap_or_else(|| "-".into()),
         s.final_dir.display()
-    );
-    Ok(s)
+    )
 }

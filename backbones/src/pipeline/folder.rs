@@ -1,10 +1,11 @@
 //! A diffusers pipeline folder: `model_index.json` naming its components, and the fingerprint
-//! of whatever in it decides an encoding (configs, weight headers and sizes, tokenizer files).
+//! of whatever in it decides an encoding (configs, weight contents, tokenizer files).
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use softalign_core::{Error, Result};
 
+use super::content_digest::content_sha256;
 use crate::weights::weight_files;
 
 #[derive(Debug, Clone)]
@@ -30,24 +31,62 @@ impl PipelineFolder {
     }
 
     /// A component's folder when model_index.json names it (not `[null, null]`, as diffusers
-    /// writes an absent optional component) and the folder exists.
-    pub fn component(&self, name: &str) -> Option<PathBuf> {
-        let entry = self.index.get(name)?.as_array()?;
-        if entry.iter().all(|v| v.is_null()) {
-            return None;
+    /// writes a deliberately absent optional component, e.g. SD3 without T5); `None` when it is
+    /// not named. A named component whose folder is missing is an error (a partial download):
+    /// quietly dropping it would condition on something other than the user's model.
+    pub fn component(&self, name: &str) -> Result<Option<PathBuf>> {
+        let Some(entry) = self.index.get(name) else {
+            return Ok(None);
+        };
+        if entry.is_null()
+            || entry
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| v.is_null()))
+        {
+            return Ok(None);
         }
         let dir = self.root.join(name);
-        dir.is_dir().then_some(dir)
+        if dir.is_dir() {
+            return Ok(Some(dir));
+        }
+        Err(Error::file(
+            &dir,
+            format!(
+                "model_index.json lists the component `{name}` but its folder is missing (an \
+                 incomplete download?); download it, or write `\"{name}\": [null, null]` in \
+                 model_index.json to leave it out on purpose"
+            ),
+        ))
     }
 
-    /// A component model_index.json names but the folder lacks: a broken download.
+    /// A component the pipeline cannot work without.
     pub fn require(&self, name: &str) -> Result<PathBuf> {
-        self.component(name).ok_or_else(|| {
+        self.component(name)?.ok_or_else(|| {
             Error::file(
-                &self.root,
-                format!("the pipeline has no `{name}` component (model_index.json + folder)"),
+                self.root.join("model_index.json"),
+                format!("the pipeline has no `{name}` component, which it needs"),
             )
         })
+    }
+
+    /// Both folders of a text encoder + tokenizer pair, or neither; one without the other is
+    /// an error (the encoder cannot run without its tokenizer, and vice versa).
+    pub fn text_pair(&self, encoder: &str, tokenizer: &str) -> Result<Option<(PathBuf, PathBuf)>> {
+        match (self.component(encoder)?, self.component(tokenizer)?) {
+            (Some(e), Some(t)) => Ok(Some((e, t))),
+            (None, None) => Ok(None),
+            (have, _) => {
+                let (has, lacks) = if have.is_some() {
+                    (encoder, tokenizer)
+                } else {
+                    (tokenizer, encoder)
+                };
+                Err(Error::file(
+                    self.root.join("model_index.json"),
+                    format!("lists `{has}` but not `{lacks}`; a text encoder needs both"),
+                ))
+            }
+        }
     }
 
     pub fn class_name(&self) -> Option<&str> {
@@ -83,26 +122,14 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
-/// A safetensors file without reading its tensors: the digest of its header (names, dtypes,
-/// shapes, offsets) and its size. A re-saved checkpoint with other values but identical layout
-/// keeps the same digest; that trade keeps fingerprinting a 10 GB encoder instant.
-fn safetensors_digest(path: &Path) -> Result<serde_json::Value> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    let size = f.metadata().map_err(|e| Error::file(path, e))?.len();
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|e| Error::file(path, e))?;
-    let n = u64::from_le_bytes(n);
-    if n > size.saturating_sub(8) {
-        return Err(Error::file(path, "not a safetensors file (header length)"));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| Error::file(path, e))?;
+/// A weight file by its content: SHA-256 of every byte (remembered beside the file, see
+/// [`content_sha256`]) and its size. Two encoders with the same shapes but other weights differ
+/// here, so an encoding cache made with one is refused by the other.
+fn weights_digest(path: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "file": path.file_name().map(|s| s.to_string_lossy().to_string()),
-        "header_sha256": format!("{:x}", Sha256::digest(&header)),
-        "bytes": size,
+        "sha256": content_sha256(path)?,
+        "bytes": std::fs::metadata(path).map_err(|e| Error::file(path, e))?.len(),
     }))
 }
 
@@ -110,7 +137,7 @@ fn safetensors_digest(path: &Path) -> Result<serde_json::Value> {
 pub fn model_digest(dir: &Path, stem: &str) -> Result<serde_json::Value> {
     let weights = weight_files(dir, stem)?
         .iter()
-        .map(|f| safetensors_digest(f))
+        .map(|f| weights_digest(f))
         .collect::<Result<Vec<_>>>()?;
     Ok(serde_json::json!({
         "config_sha256": sha256_file(&dir.join("config.json"))?,

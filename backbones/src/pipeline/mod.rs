@@ -33,6 +33,7 @@ macro_rules! delegate_to_pipeline {
 }
 pub(crate) use delegate_to_pipeline;
 
+pub mod content_digest;
 pub mod estimate;
 pub mod folder;
 pub mod image;
@@ -92,6 +93,31 @@ pub struct PipelineParts {
 }
 
 impl PipelineParts {
+    /// What [`PipelineParts::load`] would refuse about the folder's components (a listed
+    /// component whose folder is missing, a text encoder without its tokenizer, the VAE's
+    /// config), found without reading weights: `recipe check` runs it.
+    pub fn check_folder(f: &PipelineFolder, flavour: Flavour) -> Result<()> {
+        VaeConfig::from_file(&f.require("vae")?.join("config.json"))?;
+        match flavour {
+            Flavour::Sd15 => {
+                f.require("text_encoder")?;
+                f.require("tokenizer")?;
+            }
+            Flavour::Sdxl => {
+                f.text_pair("text_encoder", "tokenizer")?;
+                f.require("text_encoder_2")?;
+                f.require("tokenizer_2")?;
+            }
+            Flavour::Sd3 { .. } => {
+                for name in ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] {
+                    f.require(name)?;
+                }
+                f.text_pair("text_encoder_3", "tokenizer_3")?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn load(
         f: &PipelineFolder,
         flavour: Flavour,

@@ -98,7 +98,7 @@ impl TextConditioner {
 
     pub fn load_sdxl(f: &PipelineFolder, device: Device, kind: Kind) -> Result<Self> {
         let mut clips = Vec::new();
-        if let (Some(te), Some(tok)) = (f.component("text_encoder"), f.component("tokenizer")) {
+        if let Some((te, tok)) = f.text_pair("text_encoder", "tokenizer")? {
             clips.push(ClipBranch::load(&te, &tok, device, kind)?);
         }
         clips.push(ClipBranch::load(
@@ -129,12 +129,14 @@ impl TextConditioner {
             device,
             kind,
         )?;
-        let t5 = match (f.component("text_encoder_3"), f.component("tokenizer_3")) {
-            (Some(te), Some(tok)) => Some(Box::new(T5Branch {
+        // `null` in model_index.json is the deliberate no-T5 choice (zeros); a listed but
+        // missing T5 is an error from `text_pair`.
+        let t5 = match f.text_pair("text_encoder_3", "tokenizer_3")? {
+            Some((te, tok)) => Some(Box::new(T5Branch {
                 tokenizer: T5Tokenizer::from_file(&tok, t5_length)?,
                 encoder: T5Encoder::load(&te, device, t5_kind(kind, device))?,
             })),
-            _ => None,
+            None => None,
         };
         Ok(Self::Sd3 {
             clip_l: Box::new(clip_l),
@@ -247,7 +249,7 @@ impl TextConditioner {
             ("text_encoder_2", "tokenizer_2"),
             ("text_encoder_3", "tokenizer_3"),
         ] {
-            if let (Some(te_dir), Some(tok_dir)) = (f.component(te), f.component(tok)) {
+            if let Some((te_dir, tok_dir)) = f.text_pair(te, tok)? {
                 m.insert(te.into(), model_digest(&te_dir, "model")?);
                 m.insert(tok.into(), tokenizer_digest(&tok_dir)?);
                 if tok != "tokenizer_3" {

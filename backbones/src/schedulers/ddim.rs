@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use softalign_core::adapter::{Injection, TokenSelection};
 use softalign_core::backbone::{Conditioning, Prediction};
 use softalign_core::plugin::SamplerSpec;
-use softalign_core::sampler::{SampleRequest, Sampler};
+use softalign_core::sampler::{check_finite, SampleRequest, Sampler};
 use softalign_core::site::SiteHook;
 use softalign_core::{register_plugin, Error, Result};
 use tch::{Kind, Tensor};
@@ -374,7 +374,8 @@ impl Sampler for Ddim {
             );
             pb
         });
-        for &t in &self.timesteps {
+        let n = self.timesteps.len();
+        for (i, &t) in self.timesteps.iter().enumerate() {
             let full = |n: i64| Tensor::full([n], t as f64, (Kind::Float, dev));
             let out = match (cfg, &batched) {
                 (Some(_), Some(both)) => {
@@ -397,6 +398,7 @@ impl Sampler for Ddim {
                     .to_kind(Kind::Float),
             };
             x = self.step(&out, t, &x, prediction, None)?.prev_sample;
+            check_finite(&x, i, n, req.guidance.scale)?;
             if let Some(pb) = &bar {
                 pb.inc(1);
             }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use softalign_core::adapter::Injection;
 use softalign_core::backbone::Conditioning;
 use softalign_core::plugin::SamplerSpec;
-use softalign_core::sampler::{SampleRequest, Sampler};
+use softalign_core::sampler::{check_finite, SampleRequest, Sampler};
 use softalign_core::site::SiteHook;
 use softalign_core::{register_plugin, Error, Result};
 use tch::{Kind, Tensor};
@@ -199,6 +199,7 @@ impl Sampler for FlowMatchEuler {
             let dt = self.schedule.sigmas[i + 1] - self.schedule.sigmas[i];
             let vk = v.kind();
             x = (x.to_kind(Kind::Float) + v * dt as f64).to_kind(vk);
+            check_finite(&x, i, n, req.guidance.scale)?;
             if let Some(pb) = &bar {
                 pb.inc(1);
             }

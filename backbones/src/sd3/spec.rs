@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
-use softalign_core::site::SiteHook;
+use softalign_core::site::{SiteHook, TokenSpace};
 use softalign_core::tensors::{save_safetensors, write_atomic};
 use softalign_core::{register_plugin, Error, Result};
 use tch::nn::VarStore;
@@ -16,7 +16,9 @@ use tch::{Device, Tensor};
 use super::config::Sd3Config;
 use super::flow_match::{FlowMatch, TimestepSampling};
 use super::transformer::{sites, Sd3Transformer2DModel};
+use crate::model_folder::{locate, not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
+use crate::vae::VaeConfig;
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
 
 pub const KIND: &str = "sd3";
@@ -39,9 +41,13 @@ fn default_t5_length() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct Sd3Spec {
     /// A transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
-    /// pipeline folder with a `transformer/` subfolder.
+    /// pipeline folder with a `transformer/` subfolder; or a Hugging Face hub id
+    /// (`stabilityai/stable-diffusion-3-medium-diffusers`) found in the local hub cache.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// With a hub id: the branch, tag or commit in the local hub cache (default `main`).
+    #[serde(default)]
+    pub revision: Option<String>,
     /// `sd3-medium`, `sd3.5-medium` or `sd3.5-large` with random weights (benches, tests).
     #[serde(default)]
     pub preset: Option<String>,
@@ -77,6 +83,7 @@ impl Sd3Spec {
     pub fn from_path(path: impl Into<PathBuf>) -> Self {
         Self {
             path: Some(path.into()),
+            revision: None,
             preset: None,
             dtype: None,
             timesteps: TimestepSampling::default(),
@@ -102,7 +109,16 @@ impl Sd3Spec {
     fn source(&self, ctx: &BuildContext) -> Result<(Sd3Config, Option<PathBuf>)> {
         match (&self.path, &self.preset) {
             (Some(p), None) => {
-                let dir = Self::model_dir(&ctx.resolve(p));
+                let root = locate(ctx, p, self.revision.as_deref())?;
+                let dir = Self::model_dir(&root);
+                if !dir.join("config.json").is_file() {
+                    return Err(not_this_model(
+                        &root,
+                        KIND,
+                        "an SD3 pipeline folder (transformer/config.json) or an SD3 transformer \
+                         folder (config.json)",
+                    ));
+                }
                 Ok((Sd3Config::from_file(&dir.join("config.json"))?, Some(dir)))
             }
             (None, Some(name)) => Ok((Sd3Config::preset(name)?, None)),
@@ -110,6 +126,48 @@ impl Sd3Spec {
                 "backbone sd3: give exactly one of `path` and `preset`".into(),
             )),
         }
+    }
+
+    /// The config recipe check reads: the folder's, or, where the folder does not exist on
+    /// this machine and its name is a released model's, that preset's (saying so).
+    fn config_for_check(&self, ctx: &BuildContext) -> Result<Sd3Config> {
+        match self.source(ctx) {
+            Ok((cfg, _)) => Ok(cfg),
+            Err(e) => {
+                let root = self.path.as_ref().map(|p| ctx.resolve(p));
+                let preset = root
+                    .as_ref()
+                    .filter(|r| !r.exists())
+                    .and_then(|r| preset_for_missing(KIND, r).map(|p| (r, p)));
+                match preset {
+                    Some((root, name)) => {
+                        eprintln!("{}", preset_note(KIND, root, name));
+                        Sd3Config::preset(name)
+                    }
+                    None => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The folder `path` names, where there is one (a hub id found in the cache included).
+    fn root(&self, ctx: &BuildContext) -> Option<PathBuf> {
+        let p = self.path.as_ref()?;
+        locate(ctx, p, self.revision.as_deref()).ok()
+    }
+
+    /// Pixels per latent side: the pipeline VAE's, else SD3's 8.
+    fn vae_scale_factor(&self, ctx: &BuildContext) -> Result<i64> {
+        let Some(root) = self.root(ctx) else {
+            return Ok(8);
+        };
+        let cfg = root.join("vae").join("config.json");
+        if !cfg.is_file() {
+            return Ok(8);
+        }
+        Ok(crate::pipeline::image::scale_factor(&VaeConfig::from_file(
+            &cfg,
+        )?))
     }
 
     fn dtype(&self, ctx: &BuildContext) -> DType {
@@ -133,9 +191,23 @@ timesteps = { kind = "uniform_int" }
 #[typetag::serde(name = "sd3")]
 impl BackboneSpec for Sd3Spec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
-        let (cfg, _) = self.source(ctx)?;
+        let cfg = self.config_for_check(ctx)?;
         FlowMatch::new(self.timesteps.clone(), self.timestep_shift)?;
+        if let Some(root) = self.root(ctx) {
+            if let Some(folder) = PipelineFolder::open(&root)? {
+                let flavour = Flavour::Sd3 {
+                    t5_length: self.t5_max_length,
+                    joint_attention_dim: cfg.joint_attention_dim,
+                };
+                PipelineParts::check_folder(&folder, flavour)?;
+            }
+        }
         Ok(info(&cfg))
+    }
+
+    fn check_image_size(&self, ctx: &BuildContext, height: i64, width: i64) -> Result<()> {
+        let cfg = self.config_for_check(ctx)?;
+        check_pixels(&cfg, self.vae_scale_factor(ctx)?, height, width)
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
@@ -149,7 +221,11 @@ impl BackboneSpec for Sd3Spec {
                     unused: self.allow_unused.clone(),
                 };
                 let mut b = Sd3Backbone::load(&dir, ctx.device, dtype, &allow, noise)?;
-                let root = ctx.resolve(self.path.as_ref().expect("a folder source has a path"));
+                let root = locate(
+                    ctx,
+                    self.path.as_ref().expect("a folder source has a path"),
+                    self.revision.as_deref(),
+                )?;
                 if let Some(folder) = PipelineFolder::open(&root)? {
                     if self.t5_max_length == 0 {
                         return Err(Error::Recipe(
@@ -178,6 +254,30 @@ impl BackboneSpec for Sd3Spec {
         };
         Ok(Box::new(b))
     }
+}
+
+/// The image sizes an SD3 transformer denoises, in pixels: sides that are multiples of
+/// patch_size latent pixels and span at most pos_embed_max_size patches.
+pub fn check_pixels(cfg: &Sd3Config, vae_scale_factor: i64, height: i64, width: i64) -> Result<()> {
+    let multiple = cfg.patch_size * vae_scale_factor;
+    let max = cfg.pos_embed_max_size.map(|m| m * multiple);
+    let fits = |side: i64| side > 0 && side % multiple == 0 && max.is_none_or(|m| side <= m);
+    if fits(height) && fits(width) {
+        return Ok(());
+    }
+    let limit = match max {
+        Some(m) => format!(" and at most {m}"),
+        None => String::new(),
+    };
+    Err(Error::invalid(format!(
+        "image size {height}x{width}: height and width must be multiples of {multiple}{limit} \
+         pixels for this model (patch_size {} x VAE scale factor {vae_scale_factor}{})",
+        cfg.patch_size,
+        match cfg.pos_embed_max_size {
+            Some(p) => format!("; pos_embed_max_size {p} patches"),
+            None => String::new(),
+        }
+    )))
 }
 
 pub fn info(cfg: &Sd3Config) -> BackboneInfo {
@@ -282,6 +382,18 @@ impl Backbone for Sd3Backbone {
         self.model.forward(x_t, t, ehs, pooled, hook)
     }
 
+    /// The joint space is after the transformer's context_embedder (where the released SD3
+    /// tokens live); the context space is the text encoders' output itself.
+    fn prompt_tokens(&self, prompt: &str, space: TokenSpace) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let cond = self.encode_prompts(&[prompt.to_string()])?;
+        let ehs = cond.get(CONDITIONING[0])?;
+        Ok(match space {
+            TokenSpace::Context => ehs.get(0),
+            TokenSpace::Joint => self.model.embed_context(ehs).get(0),
+        })
+    }
+
     /// `encoder_hidden_states` (L x joint_attention_dim, 4096 for SD3) replaced by its
     /// `context_embedder` output (L x inner_dim, 1536 for SD3-medium): 2.7x fewer bytes.
     fn compact_conditioning(&self, cond: Conditioning) -> Result<Conditioning> {
@@ -315,8 +427,17 @@ impl Backbone for Sd3Backbone {
         Some([c.in_channels, c.sample_size, c.sample_size])
     }
 
+    /// The native sample times the pipeline VAE's scale factor.
+    fn native_image_size(&self) -> Option<(i64, i64)> {
+        let [_, h, w] = self.sample_shape()?;
+        let f = self.pipeline.as_ref()?.vae_scale_factor;
+        Some((h * f, w * f))
+    }
+
     fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
-        self.parts()?.sample_shape_for(height, width)
+        let parts = self.parts()?;
+        check_pixels(self.config(), parts.vae_scale_factor, height, width)?;
+        parts.sample_shape_for(height, width)
     }
 
     fn save_pretrained(&self, dir: &Path) -> Result<()> {

@@ -16,6 +16,7 @@ use tch::{Device, Tensor};
 
 use super::config::UNetConfig;
 use super::unet_2d_condition::{sites, TextTime, UNet2DConditionModel};
+use crate::model_folder::{locate, not_this_model, preset_for_missing, preset_note};
 use crate::pipeline::{Flavour, LoadParts, PipelineFolder, PipelineParts};
 use crate::schedulers::ddpm::{BetaConfig, BetaSchedule, DdpmNoise};
 use crate::weights::{load_strict, named_variables, weight_files, AllowList};
@@ -30,9 +31,14 @@ pub const TIME_IDS: &str = "time_ids";
 #[serde(deny_unknown_fields)]
 pub struct UNetSpec {
     /// A pipeline folder (with `unet/` and usually `scheduler/`) or a UNet folder
-    /// (config.json + diffusion_pytorch_model*.safetensors).
+    /// (config.json + diffusion_pytorch_model*.safetensors); or a Hugging Face hub id
+    /// (`stable-diffusion-v1-5/stable-diffusion-v1-5`) found in the local hub cache.
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// With a hub id in `path`: the branch, tag or commit in the local hub cache (default
+    /// `main`).
+    #[serde(default)]
+    pub revision: Option<String>,
     /// A UNet folder whose weights replace the base's (a Diffusion-DPO release, a fine-tune);
     /// everything else, the noise schedule included, comes from `path`.
     #[serde(default)]
@@ -113,6 +119,7 @@ impl UNetSpec {
     pub fn from_path(path: impl Into<PathBuf>) -> Self {
         Self {
             path: Some(path.into()),
+            revision: None,
             unet: None,
             preset: None,
             dtype: None,
@@ -148,8 +155,16 @@ impl UNetSpec {
     fn source(&self, ctx: &BuildContext) -> Result<(UNetConfig, Option<PathBuf>, DdpmNoise)> {
         let (cfg, dir, betas, pred) = match (&self.path, &self.preset) {
             (Some(p), None) => {
-                let root = ctx.resolve(p);
+                let root = locate(ctx, p, self.revision.as_deref())?;
                 let dir = Self::model_dir(&root);
+                if !dir.join("config.json").is_file() {
+                    return Err(not_this_model(
+                        &root,
+                        KIND,
+                        "a Stable Diffusion pipeline folder (unet/config.json) or a UNet folder \
+                         (config.json)",
+                    ));
+                }
                 let cfg = UNetConfig::from_file(&dir.join("config.json"))?;
                 let (betas, pred) = scheduler_settings(&root)?;
                 (cfg, Some(dir), betas, pred)
@@ -175,6 +190,33 @@ impl UNetSpec {
     fn dtype(&self, ctx: &BuildContext) -> DType {
         ctx.dtype_override.or(self.dtype).unwrap_or_default()
     }
+
+    /// [`Self::source`] for recipe check: where the folder does not exist on this machine and
+    /// its name is a released model's, that preset's shapes (saying so).
+    fn source_for_check(&self, ctx: &BuildContext) -> Result<(UNetConfig, DdpmNoise)> {
+        match self.source(ctx) {
+            Ok((cfg, _, noise)) => Ok((cfg, noise)),
+            Err(e) => {
+                let root = self.path.as_ref().map(|p| ctx.resolve(p));
+                let preset = root
+                    .as_ref()
+                    .filter(|r| !r.exists())
+                    .and_then(|r| preset_for_missing(KIND, r).map(|p| (r, p)));
+                let Some((root, name)) = preset else {
+                    return Err(e);
+                };
+                eprintln!("{}", preset_note(KIND, root, name));
+                let as_preset = Self {
+                    path: None,
+                    revision: None,
+                    unet: None,
+                    preset: Some(name.to_string()),
+                    ..self.clone()
+                };
+                as_preset.source(ctx).map(|(cfg, _, noise)| (cfg, noise))
+            }
+        }
+    }
 }
 
 register_plugin!(
@@ -193,11 +235,25 @@ dtype = "f16"
 #[typetag::serde(name = "unet")]
 impl BackboneSpec for UNetSpec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
-        let (cfg, _, noise) = self.source(ctx)?;
         if self.unet.is_some() && self.preset.is_some() {
             return Err(Error::Recipe(
                 "backbone unet: `unet` swaps the UNet of a `path` model, not of a preset".into(),
             ));
+        }
+        let (cfg, noise) = self.source_for_check(ctx)?;
+        let root = self
+            .path
+            .as_ref()
+            .and_then(|p| locate(ctx, p, self.revision.as_deref()).ok());
+        if let Some(root) = root {
+            if let Some(folder) = PipelineFolder::open(&root)? {
+                let flavour = if cfg.has_text_time() {
+                    Flavour::Sdxl
+                } else {
+                    Flavour::Sd15
+                };
+                PipelineParts::check_folder(&folder, flavour)?;
+            }
         }
         info(&cfg, noise.prediction)
     }
@@ -212,7 +268,7 @@ impl BackboneSpec for UNetSpec {
         };
         let mut b = match (&self.unet, dir) {
             (Some(swap), Some(base)) => {
-                let swap = Self::model_dir(&ctx.resolve(swap));
+                let swap = Self::model_dir(&locate(ctx, swap, None)?);
                 let b = UNetBackbone::load(&swap, ctx.device, dtype, &allow, noise)?;
                 // Tokens and conditioning trained for the base must fit the swapped UNet.
                 let got = b.info();
@@ -238,7 +294,8 @@ impl BackboneSpec for UNetSpec {
             (None, None) => UNetBackbone::random(&cfg, ctx.device, dtype, noise)?,
         };
         if let Some(path) = &self.path {
-            if let Some(folder) = PipelineFolder::open(&ctx.resolve(path))? {
+            let root = locate(ctx, path, self.revision.as_deref())?;
+            if let Some(folder) = PipelineFolder::open(&root)? {
                 let flavour = if cfg.has_text_time() {
                     Flavour::Sdxl
                 } else {
@@ -419,6 +476,13 @@ impl Backbone for UNetBackbone {
     }
 
     crate::pipeline::delegate_to_pipeline!();
+
+    /// The native sample times the pipeline VAE's scale factor.
+    fn native_image_size(&self) -> Option<(i64, i64)> {
+        let [_, h, w] = self.sample_shape()?;
+        let f = self.pipeline.as_ref()?.vae_scale_factor;
+        Some((h * f, w * f))
+    }
 
     fn sample_shape_for(&self, height: i64, width: i64) -> Result<[i64; 3]> {
         self.parts()?.sample_shape_for(height, width)

@@ -1,4 +1,5 @@
 //! Adapters: the small trainable pieces a recipe adds to a frozen backbone.
+pub mod prompt_init;
 pub mod soft_tokens;
 
 use std::collections::BTreeMap;

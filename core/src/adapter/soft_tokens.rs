@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::adapter::prompt_init::{PromptPosition, PromptRowRequest};
 use crate::adapter::{Adapter, TokenSelection};
 use crate::backbone::BackboneInfo;
 use crate::plugin::{AdapterSpec, BuildContext};
@@ -36,6 +37,15 @@ pub enum TokenInit {
     Embedding {
         file: PathBuf,
         tensor: String,
+        #[serde(default = "default_break_noise")]
+        noise_std: f64,
+    },
+    /// Every row copies the backbone's encoding of the empty prompt at `position` (BOS), in
+    /// the adapter's token space, plus N(0, noise_std): SoftREPA's init, computed from the
+    /// loaded text encoders (no embedding file to make by hand).
+    EmptyPrompt {
+        #[serde(default)]
+        position: PromptPosition,
         #[serde(default = "default_break_noise")]
         noise_std: f64,
     },
@@ -130,6 +140,46 @@ impl AdapterSpec for SoftTokensSpec {
         self.layout(backbone).map(|_| ())
     }
 
+    /// An `embedding` init's file is opened (header only) and its tensor's size checked, as
+    /// building would.
+    fn check_files(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<()> {
+        let TokenInit::Embedding { file, tensor, .. } = &self.init else {
+            return Ok(());
+        };
+        let layout = self.layout(backbone)?;
+        let path = ctx.resolve(file);
+        if !path.is_file() {
+            return Err(Error::file(
+                &path,
+                "adapter soft_tokens: init embedding file not found",
+            ));
+        }
+        let numel: i64 = MappedSafetensors::open(&path)?
+            .shape(tensor)?
+            .iter()
+            .product();
+        if numel != layout.token_dim {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "tensor `{tensor}` has {numel} values, the tokens need {}",
+                    layout.token_dim
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn empty_prompt_row(&self) -> Option<PromptRowRequest> {
+        match &self.init {
+            TokenInit::EmptyPrompt { position, .. } => Some(PromptRowRequest {
+                space: self.token_space,
+                position: *position,
+            }),
+            _ => None,
+        }
+    }
+
     fn build(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<Box<dyn Adapter>> {
         let layout = self.layout(backbone)?;
         Ok(Box::new(SoftTokens::init(self, layout, ctx)?))
@@ -204,7 +254,7 @@ impl SoftTokensSpec {
                     format!("must be a finite non-negative number (got {std})"),
                 ))
             }
-            TokenInit::Embedding { noise_std, .. }
+            TokenInit::Embedding { noise_std, .. } | TokenInit::EmptyPrompt { noise_std, .. }
                 if !(noise_std.is_finite() && *noise_std >= 0.0) =>
             {
                 return Err(field(
@@ -290,6 +340,32 @@ impl SoftTokens {
                     emb.to_device(dev).expand(shape, false)
                         + Tensor::randn(shape, (Kind::Float, dev)) * *noise_std
                 }
+                TokenInit::EmptyPrompt {
+                    position,
+                    noise_std,
+                } => {
+                    let req = PromptRowRequest {
+                        space: layout.space,
+                        position: *position,
+                    };
+                    let row = ctx.empty_prompt.get(req).ok_or_else(|| {
+                        Error::invalid(
+                            "adapter soft_tokens: init `empty_prompt` needs the backbone's \
+                             encoding of \"\" (build the adapter from a recipe whose backbone \
+                             loads its text encoders)",
+                        )
+                    })?;
+                    if row.len() as i64 != layout.token_dim {
+                        return Err(Error::invalid(format!(
+                            "adapter soft_tokens: the empty prompt's row has {} values, the \
+                             tokens need {}",
+                            row.len(),
+                            layout.token_dim
+                        )));
+                    }
+                    Tensor::from_slice(row).to_device(dev).expand(shape, false)
+                        + Tensor::randn(shape, (Kind::Float, dev)) * *noise_std
+                }
             })
         };
         let mut tokens = BTreeMap::new();
@@ -342,6 +418,17 @@ impl SoftTokens {
                 format!("holds a `{}` adapter, not soft tokens", get("adapter")?),
             ));
         }
+        // An adapter trained for another backbone type fails on its sites below; say what it
+        // is instead.
+        if let Some(trained) = meta.get("backbone").filter(|b| **b != backbone.kind) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "was trained for a `{trained}` backbone; this model is a `{}` backbone",
+                    backbone.kind
+                ),
+            ));
+        }
         let spec: SoftTokensSpec = serde_json::from_str(get("spec")?)
             .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))?;
         let layout = spec
@@ -351,6 +438,7 @@ impl SoftTokens {
             device,
             recipe_dir: PathBuf::from("."),
             dtype_override: None,
+            empty_prompt: Default::default(),
         };
         // Shapes come from the layout; values from the file (init only fixes the shapes).
         let zero_spec = SoftTokensSpec {

@@ -91,6 +91,10 @@ impl DatasetSpec for EncodedCacheSpec {
     fn encoding_cache(&self) -> Option<&EncodedCacheSpec> {
         Some(self)
     }
+
+    fn image_size(&self) -> Option<(i64, i64)> {
+        self.source.image_size()
+    }
 }
 
 fn check_settings(m: &Manifest, spec: &EncodedCacheSpec, dir: &std::path::Path) -> Result<()> {

@@ -12,7 +12,7 @@ fn d_true() -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingConfig {
-    /// Show a progress bar on stderr (never drawn when stderr is not a terminal).
+    /// Show progress on stderr: a bar on a terminal, else a plain line every 30 s.
     #[serde(default = "d_true")]
     pub progress: bool,
     /// Weights & Biases, through the official Python client.

@@ -13,7 +13,10 @@ pub struct Source {
 }
 
 /// Reads `path` and everything it extends, child last. Tables are merged key by key (the
-/// child wins); arrays, including arrays of tables like `[[objective]]`, are replaced whole.
+/// child wins), except that a plugin table whose `type` changes replaces the base's whole
+/// (its keys belong to another plugin); arrays, including arrays of tables like
+/// `[[objective]]`, are replaced whole. Relative paths are made absolute against the folder
+/// of the file that wrote them. A `.json` file is a resolved recipe (a run's recipe.json).
 pub fn load_chain(path: &Path) -> Result<(Table, Vec<Source>)> {
     let mut stack = Vec::new();
     let mut sources = Vec::new();
@@ -46,8 +49,11 @@ fn load_rec(
             format!("`extends` forms a cycle: {}", cycle.join(" -> ")),
         ));
     }
-    let mut table: Table =
-        toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid TOML: {e}")))?;
+    let mut table: Table = if path.extension().is_some_and(|e| e == "json") {
+        from_json(&text).map_err(|e| Error::file(path, e))?
+    } else {
+        toml::from_str(&text).map_err(|e| Error::file(path, format!("invalid TOML: {e}")))?
+    };
     let parent = match table.remove("extends") {
         None => None,
         Some(Value::String(s)) => Some(s),
@@ -61,11 +67,12 @@ fn load_rec(
             ))
         }
     };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    super::paths::absolutize(&mut table, dir);
     stack.push(canon);
     let merged = match parent {
         None => table,
         Some(p) => {
-            let dir = path.parent().unwrap_or(Path::new("."));
             let mut base = load_rec(&dir.join(&p), Some(path), stack, sources)?;
             merge_into(&mut base, table);
             base
@@ -82,12 +89,51 @@ fn load_rec(
 fn merge_into(base: &mut Table, over: Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
-            (Some(Value::Table(b)), Value::Table(o)) => merge_into(b, o),
+            (Some(Value::Table(b)), Value::Table(o)) if same_plugin(b, &o) => merge_into(b, o),
             (_, v) => {
                 base.insert(k, v);
             }
         }
     }
+}
+
+/// Whether two tables configure the same plugin: a child that switches `type` (coco to
+/// encoded_cache) replaces the base's table instead of inheriting keys the new plugin lacks.
+fn same_plugin(base: &Table, over: &Table) -> bool {
+    match (base.get("type"), over.get("type")) {
+        (Some(b), Some(o)) => b == o,
+        _ => true,
+    }
+}
+
+/// A resolved recipe written as JSON (`recipe.json`) as TOML data: `null` (an unset optional
+/// field) is left out, as TOML has none.
+fn from_json(text: &str) -> std::result::Result<Table, String> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    match json_to_toml(json) {
+        Some(Value::Table(t)) => Ok(t),
+        _ => Err("a recipe in JSON must be an object".into()),
+    }
+}
+
+fn json_to_toml(v: serde_json::Value) -> Option<Value> {
+    use serde_json::Value as J;
+    Some(match v {
+        J::Null => return None,
+        J::Bool(b) => Value::Boolean(b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Float(n.as_f64()?),
+        },
+        J::String(s) => Value::String(s),
+        J::Array(a) => Value::Array(a.into_iter().filter_map(json_to_toml).collect()),
+        J::Object(o) => Value::Table(
+            o.into_iter()
+                .filter_map(|(k, v)| json_to_toml(v).map(|v| (k, v)))
+                .collect(),
+        ),
+    })
 }
 
 /// Applies `key.path=value` (value parsed as TOML, else taken as a string). Numeric segments
@@ -101,7 +147,8 @@ pub fn apply_override(root: &mut Table, spec: &str) -> Result<()> {
     if segs.iter().any(|s| s.is_empty()) {
         return Err(bad("empty key segment".into()));
     }
-    let value = parse_value(raw.trim());
+    let mut value = parse_value(raw.trim());
+    super::paths::absolutize_override(key.trim(), &mut value);
     let (last, parents) = segs.split_last().expect("split yields one segment");
     // Work on a copy so a failed override leaves `root` untouched.
     let mut doc = Value::Table(root.clone());

@@ -1,11 +1,13 @@
 //! Recipes: TOML files parsed into plain serde data, with plugins as typetag specs.
 //!
-//! A recipe may `extends = "base.toml"` (tables merged key by key, arrays replaced whole) and
-//! any value may be overridden from the command line (`--set train.lr=5e-4`). Errors name the
-//! file, the line and the field. Relative paths inside a recipe are resolved against the folder
-//! of the recipe named on the command line.
+//! A recipe may `extends = "base.toml"` (tables merged key by key, a plugin table whose `type`
+//! changes replaced, arrays replaced whole) and any value may be overridden from the command
+//! line (`--set train.lr=5e-4`). Errors name the file, the line and the field. Relative paths
+//! resolve against the file that wrote them (the working directory for `--set`); see
+//! [`paths`]. A run's resolved `recipe.json` is itself a recipe.
 mod locate;
 mod merge;
+pub mod paths;
 
 use std::path::{Path, PathBuf};
 
@@ -123,11 +125,22 @@ fn deserialize(table: &toml::Table, sources: &[Source], overrides: &[String]) ->
             .map(|s| locate::path_at(&text, s.start))
             .unwrap_or_default();
     }
+    let message = match did_you_mean(&message) {
+        Some(hint) => format!("{message} ({hint})"),
+        None => message,
+    };
     let msg = match plugin.as_ref().and_then(|p| plugin_message(p, &message)) {
         Some(m) => format!("in `{}`: {m}", path.join(".")),
-        None if path.is_empty() => message,
+        None if path.is_empty() => message.clone(),
         None => format!("field `{}`: {message}", path.join(".")),
     };
+    // An unknown key is reported at its table: point at the key itself, in the file that
+    // wrote it.
+    if let Some(key) = unknown_field(&message) {
+        if path.last().map(String::as_str) != Some(key) {
+            path.push(key.to_string());
+        }
+    }
     let dotted = path.join(".");
     let from_override = overrides.iter().find(|o| {
         let key = o.split('=').next().unwrap_or("").trim();
@@ -142,6 +155,28 @@ fn deserialize(table: &toml::Table, sources: &[Source], overrides: &[String]) ->
             .unwrap_or_default(),
     };
     Err(Error::Recipe(format!("recipe {whence}: {msg}")))
+}
+
+/// The key serde's "unknown field `x`, expected ..." names.
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// "did you mean `lr`?" for an unknown field close to one of serde's expected names.
+fn did_you_mean(message: &str) -> Option<String> {
+    let field = unknown_field(message)?;
+    let expected = message
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| message.split("expected ").nth(1))?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|c| (strsim::jaro_winkler(field, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| format!("did you mean `{c}`?"))
 }
 
 /// Typetag's errors carry no span: find the plugin table whose `type` is the unknown name.
@@ -176,9 +211,26 @@ fn plugin_message(path: &[String], message: &str) -> Option<String> {
     Some(catalogue::unknown_message(kind, name))
 }
 
+/// What a command does with a recipe, which decides what [`check_for`] demands of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `recipe check`, `train`, `loss`: everything (adapters, objectives, data).
+    Train,
+    /// `cache`, `sample --recipe`, `eval --recipe`: the backbone and sampler. The adapters are
+    /// never built, so their sites need not fit; the data is not read when sampling, and
+    /// `cache` opens it itself.
+    Backbone,
+}
+
 /// Everything that can be known without loading weights: values, plugin fields, sites against
-/// the backbone's config, token sets the objectives need.
+/// the backbone's config, token sets the objectives need, files the adapters and data read,
+/// and the data's image size against the backbone.
 pub fn check(loaded: &LoadedRecipe) -> Result<BackboneInfo> {
+    check_for(loaded, Purpose::Train)
+}
+
+/// [`check`] for a command that uses only part of the recipe.
+pub fn check_for(loaded: &LoadedRecipe, purpose: Purpose) -> Result<BackboneInfo> {
     let r = &loaded.recipe;
     let ctx = BuildContext::cpu(&loaded.dir);
     let at = |what: &str, e: Error| {
@@ -191,37 +243,75 @@ pub fn check(loaded: &LoadedRecipe) -> Result<BackboneInfo> {
     r.train.validate().map_err(|e| at("train", e))?;
     r.logging.validate().map_err(|e| at("logging", e))?;
     let info = r.backbone.describe(&ctx).map_err(|e| at("backbone", e))?;
-    for (i, a) in r.adapter.iter().enumerate() {
-        a.validate(&info)
-            .map_err(|e| at(&format!("adapter[{i}]"), e))?;
-    }
-    for (i, o) in r.objective.iter().enumerate() {
-        o.validate()
-            .map_err(|e| at(&format!("objective[{i}]"), e))?;
-        for (set, ema) in o.token_sets() {
-            let provided = r.adapter.iter().any(|a| {
-                a.token_sets()
-                    .iter()
-                    .any(|(s, e)| *s == set && (*e || !ema))
-            });
-            if !provided {
-                return Err(at(
-                    &format!("objective[{i}]"),
-                    Error::invalid(format!(
-                        "needs token set `{set}`{} but no adapter provides it",
-                        if ema { " with EMA" } else { "" }
-                    )),
-                ));
-            }
+    if purpose == Purpose::Train {
+        for (i, a) in r.adapter.iter().enumerate() {
+            a.validate(&info)
+                .and_then(|_| a.check_files(&info, &ctx))
+                .map_err(|e| at(&format!("adapter[{i}]"), e))?;
+        }
+        for (i, o) in r.objective.iter().enumerate() {
+            check_objective(r, o.as_ref()).map_err(|e| at(&format!("objective[{i}]"), e))?;
         }
     }
     if let Some(s) = &r.sampler {
         s.validate().map_err(|e| at("sampler", e))?;
     }
-    if let Some(d) = &r.data {
+    if let Some(d) = r.data.as_ref().filter(|_| purpose == Purpose::Train) {
         d.validate(&ctx).map_err(|e| at("data", e))?;
+        if let Some((h, w)) = d.image_size() {
+            r.backbone
+                .check_image_size(&ctx, h, w)
+                .map_err(|e| at("data", e))?;
+        }
     }
     Ok(info)
+}
+
+fn check_objective(r: &Recipe, o: &dyn ObjectiveSpec) -> Result<()> {
+    o.validate()?;
+    let min = o.min_images_per_step();
+    if r.train.images_per_step < min {
+        return Err(Error::invalid(format!(
+            "needs train.images_per_step >= {min} (it compares each image with the others' \
+             captions; with {} its loss is constant and nothing is learned)",
+            r.train.images_per_step
+        )));
+    }
+    for (set, ema) in o.token_sets() {
+        let provided = r.adapter.iter().any(|a| {
+            a.token_sets()
+                .iter()
+                .any(|(s, e)| *s == set && (*e || !ema))
+        });
+        if !provided {
+            return Err(Error::invalid(format!(
+                "needs token set `{set}`{} but no adapter provides it",
+                if ema { " with EMA" } else { "" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What `train` would refuse that is not an error in a recipe as such (a recipe without
+/// `[data]` still serves `sample --recipe`): one line each, for `recipe check` to print.
+pub fn training_notes(loaded: &LoadedRecipe) -> Vec<String> {
+    let r = &loaded.recipe;
+    let mut notes = Vec::new();
+    if r.data.is_none() {
+        notes.push(format!(
+            "recipe {}: no [data] table: `softalign train` needs one (e.g. type = \"coco\" or \
+             \"image_manifest\"; `softalign list --examples` shows each)",
+            loaded.path.display()
+        ));
+    }
+    if r.objective.is_empty() {
+        notes.push(format!(
+            "recipe {}: no [[objective]]: `softalign train` needs at least one",
+            loaded.path.display()
+        ));
+    }
+    notes
 }
 
 fn strip(e: Error) -> String {

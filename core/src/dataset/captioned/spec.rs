@@ -12,6 +12,21 @@ fn default_resolution() -> u32 {
     512
 }
 
+/// What `CaptionedImages::new` refuses, checked without reading images.
+fn check_sampling(kind: &str, resolution: u32, caption_dropout: f64) -> Result<()> {
+    if resolution == 0 {
+        return Err(Error::Recipe(format!(
+            "data {kind}: `resolution` must be positive"
+        )));
+    }
+    if !(0.0..1.0).contains(&caption_dropout) {
+        return Err(Error::Recipe(format!(
+            "data {kind}: `caption_dropout` must be in [0, 1), got {caption_dropout}"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CocoSpec {
@@ -51,7 +66,11 @@ impl DatasetSpec for CocoSpec {
         if !img.is_dir() {
             return Err(Error::file(&img, "data coco: image folder not found"));
         }
-        Ok(())
+        check_sampling("coco", self.resolution, self.caption_dropout)
+    }
+
+    fn image_size(&self) -> Option<(i64, i64)> {
+        Some((self.resolution as i64, self.resolution as i64))
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Dataset>> {
@@ -104,7 +123,13 @@ impl DatasetSpec for ManifestSpec {
         if !p.is_file() {
             return Err(Error::file(&p, "data image_manifest: file not found"));
         }
-        Ok(())
+        // Read now, as training would: an empty or malformed manifest fails the check.
+        manifest::read(&p)?;
+        check_sampling("image_manifest", self.resolution, self.caption_dropout)
+    }
+
+    fn image_size(&self) -> Option<(i64, i64)> {
+        Some((self.resolution as i64, self.resolution as i64))
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Dataset>> {
