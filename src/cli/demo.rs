@@ -431,8 +431,9 @@ fn settings(
         (
             "sampling".into(),
             format!(
-                "{} images per prompt, {}, guidance {}, noise seed {}",
+                "{} image{} per prompt, {}, guidance {}, noise seed {}",
                 gen.n,
+                if gen.n == 1 { "" } else { "s" },
                 match gen.shift {
                     Some(shift) => format!(
                         "FlowMatch Euler {} steps, shift {shift}",
