@@ -76,6 +76,12 @@ pub fn locate(ctx: &BuildContext, p: &Path, revision: Option<&str>) -> Result<Pa
     })
 }
 
+fn class_name(file: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(json.get("_class_name")?.as_str()?.to_string())
+}
+
 /// What `root` holds, in words, with the backbone type that reads it.
 pub fn what_is(root: &Path) -> String {
     let class = class_name(&root.join("model_index.json"))
