@@ -608,7 +608,8 @@ fn empty_prompt_init_copies_the_bos_row() {
     let mut ctx = BuildContext::cpu(".");
     ctx.empty_prompt = EmptyPromptRows::compute(sd15.as_ref(), &specs).unwrap();
     let adapter = specs[0].build(sd15.info(), &ctx).unwrap();
-    let (_, tokens) = &adapter.trainable()[0];
+    let trainable = adapter.trainable();
+    let (_, tokens) = &trainable[0];
     let refs = MappedSafetensors::open(f.root.join("reference.safetensors")).unwrap();
     let bos = refs
         .tensor("sd15.negative_prompt_embeds")
@@ -767,7 +768,7 @@ fn shipped_sd15_recipe_trains_on_a_tiny_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     manifest(d);
-    let recipe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/sd15-softrepa.toml");
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/sd15-softrepa.toml");
     let folder = f.root.join("sd15");
     let sets = [
         format!("backbone.path={}", folder.display()),
@@ -778,7 +779,7 @@ fn shipped_sd15_recipe_trains_on_a_tiny_pipeline() {
         "train.steps=2".into(),
     ];
     let mut args: Vec<String> = vec!["train".into(), "--recipe".into()];
-    args.push(recipe.display().to_string());
+    args.push(shipped.display().to_string());
     args.extend(["--run-dir".into(), "run".into()]);
     for s in &sets {
         args.extend(["--set".into(), s.clone()]);
