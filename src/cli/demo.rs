@@ -48,8 +48,8 @@ pub struct Args {
     pub set: Vec<String>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
-    /// Images per evaluation prompt (4: the demo, cold release build included, stays within
-    /// 10 minutes on a 2-core CPU; more images narrow the intervals).
+    /// Images per evaluation prompt (more images narrow the intervals; each costs one sampling
+    /// run per model, so fewer shorten the demo).
     #[arg(long, default_value_t = 4)]
     pub n: usize,
     /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
