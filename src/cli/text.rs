@@ -94,7 +94,7 @@ mod tests {
         assert!(dark.len() > 50, "{} dark pixels", dark.len());
         assert!(dark
             .iter()
-            .all(|&(x, y)| x >= 4 && x <= 6 + w && y >= 4 && y <= 30));
+            .all(|&(x, y)| (4..=6 + w).contains(&x) && (4..=30).contains(&y)));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub enum Denoiser {
     /// diffusers `SD3Transformer2DModel`: joint-block sites, flow matching.
     Transformer(Sd3Config),
     /// diffusers `UNet2DConditionModel`: `down` / `mid` / `up` sites, DDPM epsilon.
-    Unet(UNetConfig),
+    Unet(Box<UNetConfig>),
 }
 
 impl Denoiser {
@@ -180,7 +180,7 @@ impl ShapesConfig {
             projection_dim: None,
             ..text_tower(128, 2)?
         };
-        Self::checked(text, Denoiser::Unet(unet), UNET_PIXEL_SHIFT)
+        Self::checked(text, Denoiser::Unet(Box::new(unet)), UNET_PIXEL_SHIFT)
     }
 
     fn checked(text_encoder: ClipTextConfig, denoiser: Denoiser, pixel_shift: f64) -> Result<Self> {
@@ -214,7 +214,7 @@ impl ShapesConfig {
         let denoiser =
             match (tr.is_file(), un.is_file()) {
                 (true, false) => Denoiser::Transformer(Sd3Config::from_file(&tr)?),
-                (false, true) => Denoiser::Unet(UNetConfig::from_file(&un)?),
+                (false, true) => Denoiser::Unet(Box::new(UNetConfig::from_file(&un)?)),
                 (true, true) => {
                     return Err(Error::file(
                         dir,

@@ -84,8 +84,8 @@ impl NoiseProcess for ShapesNoise {
 }
 
 enum DenoiserModel {
-    Transformer(Sd3Transformer2DModel),
-    Unet(UNet2DConditionModel),
+    Transformer(Box<Sd3Transformer2DModel>),
+    Unet(Box<UNet2DConditionModel>),
 }
 
 pub struct ShapesBackbone {
@@ -182,10 +182,12 @@ impl ShapesBackbone {
             crate::clip::model::linear(&te / "text_projection", width, proj, false, std, init)
         });
         let denoiser = match &cfg.denoiser {
-            Denoiser::Transformer(t) => {
-                DenoiserModel::Transformer(Sd3Transformer2DModel::new(&root / TRANSFORMER, t)?)
+            Denoiser::Transformer(t) => DenoiserModel::Transformer(Box::new(
+                Sd3Transformer2DModel::new(&root / TRANSFORMER, t)?,
+            )),
+            Denoiser::Unet(u) => {
+                DenoiserModel::Unet(Box::new(UNet2DConditionModel::new(&root / UNET, u)?))
             }
-            Denoiser::Unet(u) => DenoiserModel::Unet(UNet2DConditionModel::new(&root / UNET, u)?),
         };
         Ok(Self {
             info: info(cfg)?,
@@ -310,7 +312,7 @@ impl ShapesBackbone {
     /// The MMDiT, when the denoiser is one.
     pub fn transformer(&self) -> Option<&Sd3Transformer2DModel> {
         match &self.denoiser {
-            DenoiserModel::Transformer(t) => Some(t),
+            DenoiserModel::Transformer(t) => Some(&**t),
             DenoiserModel::Unet(_) => None,
         }
     }
@@ -318,7 +320,7 @@ impl ShapesBackbone {
     /// The UNet, when the denoiser is one.
     pub fn unet(&self) -> Option<&UNet2DConditionModel> {
         match &self.denoiser {
-            DenoiserModel::Unet(u) => Some(u),
+            DenoiserModel::Unet(u) => Some(&**u),
             DenoiserModel::Transformer(_) => None,
         }
     }
