@@ -11,6 +11,14 @@ use softalign_core::plugin::{AdapterSpec, BuildContext, DatasetSpec};
 use softalign_core::site::{SiteSelector, TokenSpace};
 use tch::{Device, Kind, Tensor};
 
+/// Tests seed and draw from torch's one global generator: they take turns, so that the
+/// determinism test sees only its own draws.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn noise() -> FlowMatch {
     FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap()
 }
@@ -45,6 +53,7 @@ fn prompts(n: usize) -> Vec<String> {
 
 #[test]
 fn preset_fits_together_and_describes_itself() {
+    let _rng = rng_turn();
     let cfg = ShapesConfig::tiny().unwrap();
     let bb = ShapesBackbone::random(&cfg, Device::Cpu, DType::F32, noise()).unwrap();
     assert_eq!(bb.sample_shape(), Some([3, 32, 32]));
@@ -78,6 +87,7 @@ fn preset_fits_together_and_describes_itself() {
 
 #[test]
 fn forward_encode_and_decode_have_the_right_shapes() {
+    let _rng = rng_turn();
     let bb = random();
     let c = bb.encode_prompts(&prompts(3)).unwrap();
     let ids = c.get("input_ids").unwrap();
@@ -109,6 +119,7 @@ fn forward_encode_and_decode_have_the_right_shapes() {
 
 #[test]
 fn save_pretrained_then_load_is_bit_exact() {
+    let _rng = rng_turn();
     let bb = random();
     let dir = tempfile::tempdir().unwrap();
     bb.save_pretrained(dir.path()).unwrap();
@@ -183,6 +194,7 @@ fn tokens(bb: &dyn Backbone) -> Box<dyn Adapter> {
 
 #[test]
 fn soft_tokens_change_the_output_and_only_they_get_gradients() {
+    let _rng = rng_turn();
     let bb = random();
     let adapters = vec![tokens(&bb)];
     let inj = Injection {
@@ -214,6 +226,7 @@ fn soft_tokens_change_the_output_and_only_they_get_gradients() {
 
 #[test]
 fn every_caption_and_prompt_fits_the_text_positions() {
+    let _rng = rng_turn();
     let tok = world_tokenizer(24).unwrap();
     let unk = i64::from(tok.token_to_id("<|unk|>").unwrap());
     let mut texts: Vec<String> = eval_prompts(0).into_iter().map(|p| p.prompt).collect();
@@ -236,6 +249,7 @@ fn every_caption_and_prompt_fits_the_text_positions() {
 
 #[test]
 fn the_dataset_is_deterministic_per_torch_seed() {
+    let _rng = rng_turn();
     let spec: ShapesDataSpec = toml::from_str("n = 12\nseed = 3\ncaption_dropout = 0.3\n").unwrap();
     let data = spec.build(&BuildContext::cpu(".")).unwrap();
     assert_eq!(data.len(), 12);
@@ -280,6 +294,7 @@ fn the_dataset_is_deterministic_per_torch_seed() {
 /// the output and alone get gradients.
 #[test]
 fn the_unet_preset_round_trips_and_takes_tokens_at_its_groups() {
+    let _rng = rng_turn();
     use softalign_core::backbone::Prediction;
     tch::manual_seed(3);
     let cfg = ShapesConfig::unet().unwrap();
@@ -371,6 +386,7 @@ fn the_unet_preset_round_trips_and_takes_tokens_at_its_groups() {
 
 #[test]
 fn flow_matching_settings_are_refused_for_the_unet() {
+    let _rng = rng_turn();
     let spec: Box<dyn softalign_core::plugin::BackboneSpec> = serde_json::from_value(
         serde_json::json!({ "type": "shapes", "preset": "unet", "timesteps": { "kind": "logit_normal" } }),
     )

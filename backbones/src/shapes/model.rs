@@ -260,10 +260,8 @@ impl ShapesBackbone {
                 tr.var_store().variables()
             }
             Denoiser::Unet(_) => {
-                let ddpm = DdpmNoise::new(
-                    crate::unet::spec::scheduler_settings(dir)?.0,
-                    Prediction::Epsilon,
-                )?;
+                // The loader only fills weights: the model's noise is `noise` above, read once.
+                let ddpm = DdpmNoise::new(unet_betas(), Prediction::Epsilon)?;
                 let un =
                     UNetBackbone::load(&sub, Device::Cpu, DType::F32, &AllowList::default(), ddpm)?;
                 un.var_store().variables()
