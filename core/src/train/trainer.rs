@@ -100,7 +100,10 @@ pub fn train(
     checkpoint::remove_partial(&run_dir)?;
 
     let mut optim = AdamW::from_config(cfg, &params)?;
-    let mut ema = cfg.ema.as_ref().map(|e| Ema::new(e.decay, &params));
+    let mut ema = cfg
+        .ema
+        .as_ref()
+        .map(|e| Ema::new(e.decay, e.warmup, &params));
     let mut counters = Counters {
         bad_in_row: 0,
         skipped: 0,
@@ -394,7 +397,7 @@ impl Loop<'_> {
                 zero_grads(self.params);
                 task.after_step(step)?;
                 if let Some(e) = self.ema.as_mut() {
-                    e.update(self.params)?;
+                    e.update(self.params, step)?;
                 }
             }
             let step_time_s = t0.elapsed().as_secs_f64();
