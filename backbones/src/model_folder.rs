@@ -121,9 +121,15 @@ pub fn not_this_model(root: &Path, kind: &str, wanted: &str) -> Error {
 
 /// The preset of backbone `kind` whose shapes a missing folder's name points at (the
 /// shipped recipes name the hub's folders: stable-diffusion-3-medium-diffusers,
-/// stable-diffusion-v1-5, stable-diffusion-xl-base-1.0...). None for other names.
+/// stable-diffusion-v1-5, stable-diffusion-xl-base-1.0...; the shapes world's later training
+/// stages name the run folder of the stage before). None for other names.
 pub fn preset_for_missing(kind: &str, root: &Path) -> Option<&'static str> {
     let name = root.file_name()?.to_string_lossy().to_lowercase();
+    if kind == "shapes" {
+        // A base's training run (runs/shapes-mmdit/final-ema): any part of the path.
+        let path = root.to_string_lossy().to_lowercase();
+        return ["mmdit", "unet"].into_iter().find(|p| path.contains(p));
+    }
     match kind {
         "sd3" if name.contains("3.5-large") => Some("sd3.5-large"),
         "sd3" if name.contains("3.5-medium") => Some("sd3.5-medium"),

@@ -9,7 +9,8 @@ use softalign_core::plugin::{BackboneSpec, BuildContext};
 use softalign_core::{register_plugin, Error, Result};
 
 use super::config::{Denoiser, ShapesConfig};
-use super::model::{info, ShapesBackbone};
+use super::model::{info, ShapesBackbone, KIND};
+use crate::model_folder::{preset_for_missing, preset_note};
 use crate::sd3::{FlowMatch, TimestepSampling};
 
 fn default_shift() -> f64 {
@@ -68,6 +69,25 @@ impl ShapesSpec {
         }
     }
 
+    /// The config `recipe check` validates against: the folder's, or for a missing folder
+    /// that names a preset (a later training stage's input, `runs/shapes-mmdit/final-ema`,
+    /// before the stage before it ran) that preset's, with a note.
+    fn config_for_check(&self, ctx: &BuildContext) -> Result<ShapesConfig> {
+        self.source(ctx).map(|(cfg, _)| cfg).or_else(|e| {
+            let root = self.path.as_ref().map(|p| ctx.resolve(p));
+            match root
+                .filter(|r| !r.exists())
+                .and_then(|r| preset_for_missing(KIND, &r).map(|name| (r, name)))
+            {
+                Some((root, name)) => {
+                    eprintln!("{}", preset_note(KIND, &root, name));
+                    ShapesConfig::preset(name)
+                }
+                None => Err(e),
+            }
+        })
+    }
+
     /// The flow-matching noise an MMDiT trains with. A UNet draws its DDPM timesteps
     /// uniformly, so these settings must stay at their defaults for one.
     fn noise(&self, cfg: &ShapesConfig) -> Result<FlowMatch> {
@@ -99,7 +119,7 @@ timesteps = { kind = "uniform_int" }
 #[typetag::serde(name = "shapes")]
 impl BackboneSpec for ShapesSpec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
-        let (cfg, _) = self.source(ctx)?;
+        let cfg = self.config_for_check(ctx)?;
         self.noise(&cfg)?;
         info(&cfg)
     }
