@@ -33,8 +33,22 @@ file = "yolov8n.torchscript"
 
 #[typetag::serde(name = "yolov8")]
 impl DetectorSpec for Yolov8Spec {
+    /// A missing file named like ultralytics' released exports (`yolov8n.torchscript`, ...)
+    /// is a note, as a missing released model folder is: recipes that ship name the file the
+    /// user exports; `train` still needs it.
     fn check_files(&self, ctx: &BuildContext) -> Result<()> {
-        read_metadata(&ctx.resolve(&self.file)).map(|_| ())
+        let path = ctx.resolve(&self.file);
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !path.exists() && name.starts_with("yolov8") && name.ends_with(".torchscript") {
+            eprintln!(
+                "note: detector {} not found; export it with `yolo export model={} \
+                 format=torchscript` (ultralytics); `train` needs it",
+                path.display(),
+                name.replace(".torchscript", ".pt")
+            );
+            return Ok(());
+        }
+        read_metadata(&path).map(|_| ())
     }
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Detector>> {
         Ok(Box::new(Yolov8::load(
