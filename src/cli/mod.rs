@@ -7,6 +7,7 @@ pub mod compare_grid;
 pub mod demo;
 pub mod detect;
 pub mod eval;
+pub mod export;
 pub mod forward;
 pub mod forward_text;
 pub mod forward_unet;
