@@ -152,6 +152,9 @@ impl ObjectiveSpec for CountingSpec {
     }
 }
 
+/// The images of a step that the term counts, each with its (class, count) targets.
+type Targets = Vec<(i64, Vec<(usize, u32)>)>;
+
 pub struct Counting {
     weight: f64,
     max_timestep: f64,
@@ -180,7 +183,7 @@ impl Counting {
     }
 
     /// The images that qualify and their (class, count) targets.
-    fn targets(&self, step: &dyn StepView) -> Result<Vec<(i64, Vec<(usize, u32)>)>> {
+    fn targets(&self, step: &dyn StepView) -> Result<Targets> {
         let captions = step.captions().ok_or_else(|| {
             Error::invalid(
                 "objective counting reads the captions' text, which this data does not give \
