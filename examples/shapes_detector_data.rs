@@ -34,7 +34,10 @@ fn main() -> anyhow::Result<()> {
             pixels.extend(raw.iter().skip(c).step_by(3));
         }
         for (k, o) in ex.scene.objects.iter().enumerate() {
-            let class = Shape::ALL.iter().position(|s| *s == o.shape).expect("a world shape");
+            let class = Shape::ALL
+                .iter()
+                .position(|s| *s == o.shape)
+                .expect("a world shape");
             let row = (i as usize * MAX_OBJECTS + k) * 5;
             boxes[row..row + 5].copy_from_slice(&[class as f32, o.cx, o.cy, o.size, o.size]);
         }

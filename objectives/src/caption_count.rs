@@ -242,9 +242,27 @@ mod tests {
     use super::*;
 
     const COCO: [&str; 21] = [
-        "person", "bicycle", "car", "dog", "cat", "dining table", "hot dog", "wine glass", "bus",
-        "sheep", "teddy bear", "bench", "giraffe", "knife", "cell phone", "mouse",
-        "potted plant", "tv", "skis", "toothbrush", "hair drier",
+        "person",
+        "bicycle",
+        "car",
+        "dog",
+        "cat",
+        "dining table",
+        "hot dog",
+        "wine glass",
+        "bus",
+        "sheep",
+        "teddy bear",
+        "bench",
+        "giraffe",
+        "knife",
+        "cell phone",
+        "mouse",
+        "potted plant",
+        "tv",
+        "skis",
+        "toothbrush",
+        "hair drier",
     ];
 
     fn coco() -> CaptionCounter {
