@@ -49,6 +49,9 @@ enum Command {
     /// The shapes-world demo: train SoftREPA and AGSM tokens on the shipped base, evaluate all
     /// three, print one table and write report.md and grids.
     Demo(cli::demo::Args),
+    /// Run an object detector (a YOLOv8 TorchScript export) on image files: boxes, classes,
+    /// scores and counts per image as JSON lines.
+    Detect(cli::detect::Args),
     /// Convert the SoftREPA release's dc_tokens.pth / dc_t_tokens.pth into an adapter file.
     ImportTokens(cli::import_tokens::Args),
 }
@@ -68,6 +71,7 @@ fn main() {
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::ImportTokens(a) => cli::import_tokens::run(a),
+        Command::Detect(a) => cli::detect::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use serde::de::DeserializeOwned;
 use softalign_core::catalogue::{self, PluginKind};
-use softalign_core::plugin::{AdapterSpec, BackboneSpec, DatasetSpec, ObjectiveSpec, SamplerSpec};
+use softalign_core::plugin::{
+    AdapterSpec, BackboneSpec, DatasetSpec, DetectorSpec, ObjectiveSpec, SamplerSpec,
+};
 
 /// typetag lists every registered name in its unknown-variant error.
 fn typetag_names<T: ?Sized>() -> BTreeSet<String>
@@ -40,6 +42,7 @@ fn registry(kind: PluginKind) -> BTreeSet<String> {
         PluginKind::Objective => typetag_names::<dyn ObjectiveSpec>(),
         PluginKind::Sampler => typetag_names::<dyn SamplerSpec>(),
         PluginKind::Dataset => typetag_names::<dyn DatasetSpec>(),
+        PluginKind::Detector => typetag_names::<dyn DetectorSpec>(),
     }
 }
 
@@ -72,6 +75,8 @@ fn catalogue_and_typetag_agree() {
     // The foundation registers at least these; a dropped link would empty them.
     assert!(catalogue::find(PluginKind::Adapter, "soft_tokens").is_some());
     assert!(catalogue::find(PluginKind::Dataset, "tensor_file").is_some());
+    assert!(catalogue::find(PluginKind::Detector, "yolov8").is_some());
+    assert!(catalogue::find(PluginKind::Objective, "counting").is_some());
 }
 
 fn parse_example<T: ?Sized>(kind: PluginKind, name: &str, example: &str)
@@ -109,6 +114,7 @@ fn every_example_parses() {
             PluginKind::Objective => parse_example::<dyn ObjectiveSpec>(e.kind, e.name, e.example),
             PluginKind::Sampler => parse_example::<dyn SamplerSpec>(e.kind, e.name, e.example),
             PluginKind::Dataset => parse_example::<dyn DatasetSpec>(e.kind, e.name, e.example),
+            PluginKind::Detector => parse_example::<dyn DetectorSpec>(e.kind, e.name, e.example),
         }
     }
 }

@@ -11,3 +11,4 @@ pub mod t5;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod yolov8;

@@ -24,6 +24,12 @@ pub enum Prediction {
 pub trait NoiseProcess: Send + Sync {
     fn add_noise(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor;
     fn target(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor;
+    /// The clean sample the network's output implies at `x_t` (the inverse of `add_noise`
+    /// given the prediction): epsilon `(x_t - sigma eps) / alpha`, v `alpha x_t - sigma v`,
+    /// flow velocity `x_t - sigma v`. Differentiable in `pred`; `t` is (B,), broadcast over
+    /// the trailing dimensions of `x_t` (which may carry extra leading axes after B only if
+    /// the caller flattens them first).
+    fn predicted_x0(&self, x_t: &Tensor, pred: &Tensor, t: &Tensor) -> Tensor;
     /// Draws `n` training timesteps with torch's global generator (seeded by the trainer).
     fn sample_timesteps(&self, n: i64, device: Device) -> Tensor;
 }

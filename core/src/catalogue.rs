@@ -11,15 +11,17 @@ pub enum PluginKind {
     Objective,
     Sampler,
     Dataset,
+    Detector,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 5] = [
+    pub const ALL: [PluginKind; 6] = [
         PluginKind::Backbone,
         PluginKind::Adapter,
         PluginKind::Objective,
         PluginKind::Sampler,
         PluginKind::Dataset,
+        PluginKind::Detector,
     ];
     /// The recipe table that holds this kind (`[backbone]`, `[[adapter]]`, ...).
     pub fn table(self) -> &'static str {
@@ -29,6 +31,8 @@ impl PluginKind {
             PluginKind::Objective => "objective",
             PluginKind::Sampler => "sampler",
             PluginKind::Dataset => "data",
+            // Nested in the objectives that use one: `detector = { type = "yolov8", ... }`.
+            PluginKind::Detector => "detector",
         }
     }
 }

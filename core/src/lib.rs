@@ -1,11 +1,12 @@
 //! softalign-core: the vocabulary every other crate speaks. Traits (Backbone, Adapter,
-//! Objective, Sampler, Dataset, MetricsSink), the plugin catalogue, recipes, the soft-token
+//! Objective, Sampler, Dataset, Detector, MetricsSink), the plugin catalogue, recipes, the soft-token
 //! adapter, the trainer and logging. It knows no concrete model.
 pub mod adapter;
 pub mod backbone;
 pub mod cache;
 pub mod catalogue;
 pub mod dataset;
+pub mod detector;
 pub mod dtype;
 pub mod error;
 pub mod logging;

@@ -49,6 +49,17 @@ pub trait StepView {
     /// Predictions for the selection, (B images, B captions, C, H, W). Only the pairs some
     /// request with this selection asked for hold values; the others are zero.
     fn predictions(&self, tokens: &TokenSelection, grad: bool) -> Result<Tensor>;
+    /// The noised samples (B, C, H, W) the predictions were made at.
+    fn x_t(&self) -> &Tensor;
+    /// The captions as text (caption i belongs to image i; "" where dropped), where the data
+    /// gives them (raw captioned images, the shapes world; not an encoding cache).
+    fn captions(&self) -> Option<&[String]>;
+    /// The clean samples the predictions of `images` with their own captions imply
+    /// (`NoiseProcess::predicted_x0`), (n, C, H, W), with the predictions' graph.
+    fn predicted_x0(&self, tokens: &TokenSelection, grad: bool, images: &[i64]) -> Result<Tensor>;
+    /// Samples to RGB images in [-1, 1] through the backbone's decoder (its VAE, or the pixel
+    /// codec), keeping the graph.
+    fn decode(&self, samples: &Tensor) -> Result<Tensor>;
 }
 
 /// A named scalar a loss reports.

@@ -10,6 +10,7 @@ use crate::adapter::prompt_init::{EmptyPromptRows, PromptRowRequest};
 use crate::adapter::Adapter;
 use crate::backbone::{Backbone, BackboneInfo};
 use crate::dataset::Dataset;
+use crate::detector::Detector;
 use crate::dtype::DType;
 use crate::objective::Objective;
 use crate::sampler::Sampler;
@@ -96,6 +97,26 @@ pub trait ObjectiveSpec: Debug + Send + Sync {
         1
     }
     fn build(&self) -> Result<Box<dyn Objective>>;
+    /// The files the objective reads when built (a detector), checked without loading them.
+    fn check_files(&self, ctx: &BuildContext) -> Result<()> {
+        let _ = ctx;
+        Ok(())
+    }
+    /// `build` where the objective loads something of its own (a detector on the recipe's
+    /// device, its path resolved against the recipe). Commands build objectives this way.
+    fn build_in(&self, ctx: &BuildContext) -> Result<Box<dyn Objective>> {
+        let _ = ctx;
+        self.build()
+    }
+}
+
+/// A detector an objective names (`detector = { type = "yolov8", file = "..." }`); its
+/// runtime object gives the raw output convention of `detector::Detector`.
+#[typetag::serde(tag = "type")]
+pub trait DetectorSpec: Debug + Send + Sync {
+    /// The files the detector reads, checked without loading weights.
+    fn check_files(&self, ctx: &BuildContext) -> Result<()>;
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Detector>>;
 }
 
 #[typetag::serde(tag = "type")]

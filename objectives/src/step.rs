@@ -27,6 +27,8 @@ pub struct StepInputs {
     pub noise: Tensor,
     /// The model timestep shared by the step: shape () or (1,), or one per image (B,).
     pub timestep: Tensor,
+    /// The captions as text, where the data gives them (objectives that read captions).
+    pub captions: Option<Vec<String>>,
 }
 
 /// How a step is run.
@@ -68,6 +70,7 @@ pub struct StepContext<'a> {
     x_t: Tensor,
     target: Tensor,
     cond: Conditioning,
+    captions: Option<Vec<String>>,
     groups: BTreeMap<(TokenSelection, bool), Group>,
     forwards: Cell<usize>,
 }
@@ -126,6 +129,14 @@ impl<'a> StepContext<'a> {
                 ))
             }
         };
+        if let Some(c) = &inputs.captions {
+            if c.len() as i64 != b {
+                return Err(Error::invalid(format!(
+                    "{} caption texts for {b} images; caption i belongs to image i",
+                    c.len()
+                )));
+            }
+        }
         let np = backbone.noise();
         let x_t = np.add_noise(&x0, &noise, &t);
         let target = np.target(&x0, &noise, &t);
@@ -139,6 +150,7 @@ impl<'a> StepContext<'a> {
             x_t,
             target,
             cond: inputs.cond,
+            captions: inputs.captions,
             groups: BTreeMap::new(),
             forwards: Cell::new(0),
         })
@@ -401,5 +413,30 @@ impl StepView for StepContext<'_> {
                 tokens.ema
             ))),
         }
+    }
+    fn x_t(&self) -> &Tensor {
+        &self.x_t
+    }
+    fn captions(&self) -> Option<&[String]> {
+        self.captions.as_deref()
+    }
+    fn predicted_x0(&self, tokens: &TokenSelection, grad: bool, images: &[i64]) -> Result<Tensor> {
+        let preds = self.predictions(tokens, grad)?;
+        let dev = self.x0.device();
+        if let Some(i) = images.iter().find(|&&i| !(0..self.b).contains(&i)) {
+            return Err(Error::invalid(format!(
+                "image {i} of a step of {} images",
+                self.b
+            )));
+        }
+        let idx = Tensor::from_slice(images).to_device(dev);
+        // Pair (i, i) is row i * (B + 1) of the flattened (B, B, ...) predictions.
+        let pred = preds.flatten(0, 1).index_select(0, &(&idx * (self.b + 1)));
+        let x_t = self.x_t.index_select(0, &idx);
+        let t = self.t.index_select(0, &idx);
+        Ok(self.backbone.noise().predicted_x0(&x_t, &pred, &t))
+    }
+    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        self.backbone.decode(samples)
     }
 }

@@ -121,10 +121,12 @@ impl ObjectiveTask {
         let idx: Vec<i64> = perm.narrow(0, 0, b).try_into()?;
         let idx: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
         let mut batch = self.dataset.batch(&idx, dev)?;
+        let mut texts = batch.texts.take();
         if let Some(captions) = batch.captions.take() {
             let _guard = tch::no_grad_guard();
             batch.x0 = self.backbone.encode_images(&batch.x0)?;
             batch.cond = self.backbone.encode_prompts(&captions)?;
+            texts = Some(captions);
         } else if batch.pixels {
             let _guard = tch::no_grad_guard();
             batch.x0 = self.backbone.encode_images(&batch.x0)?;
@@ -146,6 +148,7 @@ impl ObjectiveTask {
             cond: batch.cond,
             noise,
             timestep,
+            captions: texts,
         })
     }
 

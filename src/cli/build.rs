@@ -78,7 +78,7 @@ impl Built {
         let objectives = r
             .objective
             .iter()
-            .map(|o| o.build())
+            .map(|o| o.build_in(&ctx))
             .collect::<Result<_, _>>()
             .context("building the objectives")?;
         Ok(Self {

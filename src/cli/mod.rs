@@ -5,6 +5,7 @@ pub mod build;
 pub mod cache;
 pub mod compare_grid;
 pub mod demo;
+pub mod detect;
 pub mod eval;
 pub mod export;
 pub mod forward;

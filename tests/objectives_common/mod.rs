@@ -32,6 +32,9 @@ impl NoiseProcess for FlowMatch {
     fn target(&self, x0: &Tensor, eps: &Tensor, _t: &Tensor) -> Tensor {
         eps - x0
     }
+    fn predicted_x0(&self, x_t: &Tensor, pred: &Tensor, t: &Tensor) -> Tensor {
+        x_t - (t.to_kind(x_t.kind()) / 1000.0).view([-1, 1, 1, 1]) * pred
+    }
     fn sample_timesteps(&self, n: i64, device: Device) -> Tensor {
         Tensor::randint(1000, [n], (Kind::Int64, device)).to_kind(Kind::Float)
     }
@@ -155,6 +158,10 @@ impl Backbone for Toy {
         let out = self.lin("proj_out", &h);
         Ok(out.transpose(1, 2).reshape([n, c, h_, w_]))
     }
+    /// The reference's `toy_decode`: the first three channels through tanh, as RGB in [-1, 1].
+    fn decode(&self, samples: &Tensor) -> Result<Tensor> {
+        Ok(samples.narrow(1, 0, 3).tanh())
+    }
     fn var_store(&self) -> &tch::nn::VarStore {
         &self.vs
     }
@@ -192,6 +199,11 @@ ema_decay = 0.9
 /// Runs the Python reference into a fresh temp dir. Fails (never skips) without Python/torch.
 pub fn python_fixture() -> tempfile::TempDir {
     python::python_fixture("objectives_reference.py")
+}
+
+/// The counting references (tests/python/counting_reference.py) in a fresh temp dir.
+pub fn counting_fixture() -> tempfile::TempDir {
+    python::python_fixture("counting_reference.py")
 }
 
 /// A batch file as `softalign loss` reads it.

@@ -138,6 +138,16 @@ impl NoiseProcess for DdpmNoise {
         }
     }
 
+    /// x_t = a x0 + s eps: from epsilon x0 = (x_t - s eps) / a; from v = a eps - s x0,
+    /// x0 = a x_t - s v (a^2 + s^2 = 1).
+    fn predicted_x0(&self, x_t: &Tensor, pred: &Tensor, t: &Tensor) -> Tensor {
+        let (sa, sb) = self.coefficients(t, x_t);
+        match self.prediction {
+            Prediction::VPrediction => sa * x_t - sb * pred,
+            _ => (x_t - sb * pred) / sa,
+        }
+    }
+
     fn sample_timesteps(&self, n: i64, device: Device) -> Tensor {
         Tensor::randint(self.betas.num_train_timesteps, [n], (Kind::Int64, device))
             .to_kind(Kind::Float)

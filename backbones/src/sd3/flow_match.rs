@@ -78,6 +78,11 @@ impl NoiseProcess for FlowMatch {
         eps - x0
     }
 
+    /// x_t = (1 - s) x0 + s eps and v = eps - x0 give x0 = x_t - s v.
+    fn predicted_x0(&self, x_t: &Tensor, pred: &Tensor, t: &Tensor) -> Tensor {
+        x_t - Self::sigma(t, x_t) * pred
+    }
+
     fn sample_timesteps(&self, n: i64, device: Device) -> Tensor {
         let opts = (Kind::Float, device);
         let sigma = match &self.sampling {

@@ -117,6 +117,8 @@ pub struct ShapesData {
     captions: Vec<(i64, i64)>,
     /// The empty prompt's ids (1, L).
     empty: Tensor,
+    /// Every caption's text, rows as `ids` (what the counting objective parses).
+    texts: Vec<String>,
     caption_dropout: f64,
 }
 
@@ -153,11 +155,13 @@ impl ShapesData {
             )));
         }
         let empty = tok.encode(&[""], Device::Cpu)?;
+        let texts = texts.into_iter().map(String::from).collect();
         Ok(Self {
             x0,
             ids,
             captions,
             empty,
+            texts,
             caption_dropout,
         })
     }
@@ -184,6 +188,7 @@ impl Dataset for ShapesData {
         let pick = Vec::<f64>::try_from(Tensor::rand([b], (Kind::Double, Device::Cpu)))?;
         let drop = Vec::<f64>::try_from(Tensor::rand([b], (Kind::Double, Device::Cpu)))?;
         let mut rows = Vec::with_capacity(indices.len());
+        let mut texts = Vec::with_capacity(indices.len());
         for (k, &i) in indices.iter().enumerate() {
             let &(start, count) = self.captions.get(i).ok_or_else(|| {
                 Error::invalid(format!(
@@ -193,8 +198,10 @@ impl Dataset for ShapesData {
             })?;
             let j = ((pick[k] * count as f64) as i64).min(count - 1);
             let row = if drop[k] < self.caption_dropout {
+                texts.push(String::new());
                 self.empty.shallow_clone()
             } else {
+                texts.push(self.texts[(start + j) as usize].clone());
                 self.ids.narrow(0, start + j, 1)
             };
             rows.push(row);
@@ -202,6 +209,6 @@ impl Dataset for ShapesData {
         let idx = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
         let x0 = self.x0.index_select(0, &idx).to_device(device);
         let ids = Tensor::cat(&rows, 0).to_device(device);
-        Ok(Batch::pixels(x0, Conditioning::new().with(INPUT_IDS, ids)))
+        Ok(Batch::pixels(x0, Conditioning::new().with(INPUT_IDS, ids)).with_texts(texts))
     }
 }

@@ -78,6 +78,9 @@ impl NoiseProcess for ShapesNoise {
     fn target(&self, x0: &Tensor, eps: &Tensor, t: &Tensor) -> Tensor {
         self.get().target(x0, eps, t)
     }
+    fn predicted_x0(&self, x_t: &Tensor, pred: &Tensor, t: &Tensor) -> Tensor {
+        self.get().predicted_x0(x_t, pred, t)
+    }
     fn sample_timesteps(&self, n: i64, device: Device) -> Tensor {
         self.get().sample_timesteps(n, device)
     }

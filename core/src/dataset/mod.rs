@@ -16,6 +16,9 @@ pub struct Batch {
     /// `x0` holds RGB images in [-1, 1] for the backbone's image codec (`encode_images`) while
     /// the conditioning is already encoded (a pixel-space world that tokenizes once).
     pub pixels: bool,
+    /// The captions as text where the data knows them but has encoded them already (the
+    /// shapes world); objectives that read captions (counting) get these or `captions`.
+    pub texts: Option<Vec<String>>,
 }
 
 impl Batch {
@@ -26,6 +29,7 @@ impl Batch {
             cond,
             captions: None,
             pixels: false,
+            texts: None,
         }
     }
 
@@ -35,6 +39,12 @@ impl Batch {
             pixels: true,
             ..Self::encoded(images, cond)
         }
+    }
+
+    /// With the captions' text (for objectives that read it).
+    pub fn with_texts(mut self, texts: Vec<String>) -> Self {
+        self.texts = Some(texts);
+        self
     }
 }
 

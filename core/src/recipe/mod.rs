@@ -206,8 +206,11 @@ fn unknown_type_path(table: &toml::Table, message: &str) -> Option<Vec<String>> 
 fn plugin_message(path: &[String], message: &str) -> Option<String> {
     let rest = message.split("unknown variant `").nth(1)?;
     let name = rest.split('`').next()?;
-    let table = path.first()?;
-    let kind = PluginKind::ALL.into_iter().find(|k| k.table() == table)?;
+    // The innermost plugin table on the path: a detector nested in an objective is a detector.
+    let kind = path
+        .iter()
+        .rev()
+        .find_map(|p| PluginKind::ALL.into_iter().find(|k| k.table() == p))?;
     Some(catalogue::unknown_message(kind, name))
 }
 
@@ -250,7 +253,9 @@ pub fn check_for(loaded: &LoadedRecipe, purpose: Purpose) -> Result<BackboneInfo
                 .map_err(|e| at(&format!("adapter[{i}]"), e))?;
         }
         for (i, o) in r.objective.iter().enumerate() {
-            check_objective(r, o.as_ref()).map_err(|e| at(&format!("objective[{i}]"), e))?;
+            check_objective(r, o.as_ref())
+                .and_then(|_| o.check_files(&ctx))
+                .map_err(|e| at(&format!("objective[{i}]"), e))?;
         }
     }
     if let Some(s) = &r.sampler {

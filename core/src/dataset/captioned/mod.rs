@@ -235,6 +235,7 @@ impl Dataset for CaptionedImages {
             cond: Conditioning::new(),
             captions: Some(captions),
             pixels: false,
+            texts: None,
         })
     }
 }
