@@ -46,6 +46,9 @@ enum Command {
     /// The shapes-world demo: train SoftREPA and AGSM tokens on the shipped base, evaluate all
     /// three, print one table and write report.md and grids.
     Demo(cli::demo::Args),
+    /// LoRA tools (`lora merge`: LoRA files merged into a model folder).
+    #[command(subcommand)]
+    Lora(cli::lora::Command),
     /// Convert the SoftREPA release's dc_tokens.pth / dc_t_tokens.pth into an adapter file.
     ImportTokens(cli::import_tokens::Args),
 }
@@ -63,6 +66,7 @@ fn main() {
         Command::Demo(a) => cli::demo::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Lora(c) => cli::lora::run(c),
         Command::ImportTokens(a) => cli::import_tokens::run(a),
     };
     if let Err(e) = result {

@@ -8,6 +8,7 @@ pub mod catalogue;
 pub mod dataset;
 pub mod dtype;
 pub mod error;
+pub mod linear_site;
 pub mod logging;
 pub mod metrics;
 pub mod objective;
@@ -16,6 +17,7 @@ pub mod recipe;
 pub mod sampler;
 pub mod site;
 pub mod tensors;
+pub mod torch_pickle;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -148,6 +148,26 @@ fn join(a: &str, b: &str) -> String {
 
 /// Every tensor stored in a PyTorch zip checkpoint, in pickle order, on the CPU.
 pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<Found>> {
+    read_tensors_allowing(path, None)
+}
+
+/// The globals a plain state dict of tensors needs (`torch.save(dict_of_tensors)`).
+pub const STATE_DICT_GLOBALS: &[&str] = &[
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "collections.OrderedDict",
+    "torch.FloatStorage",
+    "torch.DoubleStorage",
+    "torch.HalfStorage",
+    "torch.BFloat16Storage",
+    "torch.LongStorage",
+    "torch.IntStorage",
+];
+
+/// [`read_tensors`], refusing a pickle that names any global outside `allowed`
+/// (`module.name`): such a file would run that code in Python's `torch.load`, and is no
+/// plain tensor file (nothing runs here either way).
+pub fn read_tensors_allowing(path: &Path, allowed: Option<&[&str]>) -> anyhow::Result<Vec<Found>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut zip = zip::ZipArchive::new(file).with_context(|| {
         format!(
@@ -165,6 +185,20 @@ pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<Found>> {
     zip.by_name(&pkl)?.read_to_end(&mut bytes)?;
     let (_, ops) = repugnant_pickle::parse_ops::<nom::error::VerboseError<&[u8]>>(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: unreadable pickle: {e:?}", path.display()))?;
+    if let Some(allowed) = allowed {
+        for op in &ops {
+            if let PickleOp::GLOBAL(module, name) = op {
+                let full = format!("{module}.{name}");
+                if !allowed.contains(&full.as_str()) {
+                    bail!(
+                        "{}: the pickle names the global `{full}`, which torch.load would import \
+                         and may run; refusing it (a LoRA .bin holds only tensors)",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
     let (values, _) = repugnant_pickle::evaluate(&ops, true)
         .with_context(|| format!("{}: evaluating the pickle", path.display()))?;
     let mut specs = Vec::new();
