@@ -217,6 +217,11 @@ fn written_files_load_in_diffusers_and_back_here() {
     tch::manual_seed(3);
     let dir = tempfile::tempdir().unwrap();
     let out = exported(dir.path());
+    let base = forward(sd3("sd3").as_ref(), &fixtures().io("sd3"), None);
+    assert!(
+        rel_err(&out, &base) > 1e-3,
+        "the exported LoRA changes nothing"
+    );
     // Back in softalign: the diffusers file and the PEFT folder give the same output merged.
     for f in ["pytorch_lora_weights.safetensors", "peft"] {
         let b = sd3("sd3");
@@ -370,7 +375,7 @@ fn contrastive_dsm_and_agsm_each_lower_their_loss_with_lora() {
         (
             "contrastive",
             LORA.to_string(),
-            "[[objective]]\ntype = \"softrepa_contrastive\"\n",
+            "[[objective]]\ntype = \"softrepa_contrastive\"\ntemperature = 20.0\n",
             "softrepa_contrastive",
         ),
         (
@@ -494,7 +499,8 @@ fn only_lora_tensors_get_gradients_and_frozen_weights_stay() {
     assert_eq!(trainable.len(), 2 * 23);
     for (n, p) in &trainable {
         assert!(p.grad().defined(), "{n} got no gradient");
-        if n.ends_with("lora_B.weight") {
+        // The last block's context queries only make the context output it discards.
+        if n.ends_with("lora_B.weight") && !n.contains("blocks.2.attn.add_q_proj") {
             assert!(
                 p.grad().abs().max().double_value(&[]) > 0.0,
                 "{n}: zero gradient"
@@ -726,7 +732,9 @@ fn recipe_check_prints_the_table_11_parameter_counts() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{file}: {err}");
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let got = json["trainable_parameters"][0]["parameters"].as_i64().unwrap();
+        let got = json["trainable_parameters"][0]["parameters"]
+            .as_i64()
+            .unwrap();
         println!("{file}: {got} trainable parameters");
         assert_eq!(got, want, "{file}");
         assert!(err.contains("trainable parameters"), "{err}");

@@ -108,16 +108,34 @@ fn walk(v: &Value, key: &str, out: &mut Vec<Spec>) -> anyhow::Result<()> {
             walk(state, key, out)?;
         }
         Value::Seq(SequenceType::Dict, items) => {
-            // Dict items are (key, value) pairs or a flat key, value, ... list.
+            // SETITEM adds a (key, value) tuple; SETITEMS a tuple of such tuples (one per
+            // batch of up to 1000 items); a flat key, value, ... list also occurs.
+            let pair = |k: &Value, v: &Value, out: &mut Vec<Spec>| {
+                let k = match k {
+                    Value::String(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                };
+                walk(v, &join(key, &k), out)
+            };
             let mut pending: Option<String> = None;
             for item in items {
                 match item {
-                    Value::Seq(SequenceType::Tuple, kv) if kv.len() == 2 => {
-                        let k = match &kv[0] {
-                            Value::String(s) => s.to_string(),
-                            other => format!("{other:?}"),
-                        };
-                        walk(&kv[1], &join(key, &k), out)?;
+                    Value::Seq(SequenceType::Tuple, kv)
+                        if kv.len() == 2 && matches!(kv[0], Value::String(_)) =>
+                    {
+                        pair(&kv[0], &kv[1], out)?;
+                    }
+                    Value::Seq(SequenceType::Tuple, batch)
+                        if !batch.is_empty()
+                            && batch.iter().all(|b| {
+                                matches!(b, Value::Seq(SequenceType::Tuple, kv) if kv.len() == 2)
+                            }) =>
+                    {
+                        for b in batch {
+                            if let Value::Seq(_, kv) = b {
+                                pair(&kv[0], &kv[1], out)?;
+                            }
+                        }
                     }
                     Value::String(s) if pending.is_none() => pending = Some(s.to_string()),
                     other => {
