@@ -38,6 +38,9 @@ enum Command {
     Cache(cli::cache::Args),
     /// Train a recipe's adapters (or, in full mode, the backbone) into a run folder.
     Train(cli::train::Args),
+    /// Write a run's checkpoint (raw or EMA weights) as the run's final result would be: to
+    /// evaluate a run part-way, or keep a stopped run's result.
+    Export(cli::export::Args),
     /// Generate images for prompts: PNG files and a grid.
     Sample(cli::sample::Args),
     /// Generate images for evaluation prompts, score them (shapes world) and summarise per
@@ -60,6 +63,7 @@ fn main() {
         Command::Recipe(c) => cli::recipe::run(c),
         Command::Loss(a) => cli::loss::run(a),
         Command::Train(a) => cli::train::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Cache(a) => cli::cache::run(a),
         Command::Sample(a) => cli::sample::run(a),
         Command::Eval(a) => cli::eval::run(a),

@@ -689,6 +689,36 @@ fn sampling_settings_and_their_checks() {
     assert!(s.contains("DDIM 2 steps (trailing spacing"), "{s}");
     assert!(s.contains("steps: command line"), "{s}");
 
+    // The recipe's guidance is the default too; the flag wins; a negative one is refused.
+    let with_guidance = |g: &str| {
+        std::fs::read_to_string(d.join("r.toml"))
+            .unwrap()
+            .replace("steps = 3\n", &format!("steps = 3\nguidance = {g}\n"))
+    };
+    std::fs::write(d.join("g.toml"), with_guidance("5.5")).unwrap();
+    let s = run(&["--recipe", "g.toml", "--steps", "1", "--out", "g1"]);
+    assert!(
+        s.contains("guidance 5.5") && s.contains("guidance: recipe [sampler]"),
+        "{s}"
+    );
+    let s = run(&[
+        "--recipe",
+        "g.toml",
+        "--steps",
+        "1",
+        "--guidance",
+        "2",
+        "--out",
+        "g2",
+    ]);
+    assert!(
+        s.contains("guidance 2") && s.contains("guidance: command line"),
+        "{s}"
+    );
+    std::fs::write(d.join("bad.toml"), with_guidance("-1.0")).unwrap();
+    let e = fails(&["--recipe", "bad.toml", "--out", "g3"]);
+    assert!(e.contains("`guidance` must be a finite number >= 0"), "{e}");
+
     // The folder of an earlier sample is not mixed into.
     let e = fails(&["--recipe", "r.toml", "--out", "s1"]);
     assert!(e.contains("already holds files"), "{e}");

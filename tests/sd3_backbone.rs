@@ -407,6 +407,7 @@ fn sampler_runs_cfg_with_per_branch_tokens() {
     let sampler = FlowMatchEulerSpec {
         steps: 3,
         shift: 3.0,
+        guidance: None,
     }
     .build()
     .unwrap();

@@ -90,6 +90,11 @@ fn parity_non_square_latent() {
 }
 
 #[test]
+fn parity_null_pos_embed_max_size() {
+    parity("no_max");
+}
+
+#[test]
 fn parity_sharded_checkpoint() {
     let dir = fixtures().root.join("sharded/model");
     assert!(
@@ -112,7 +117,10 @@ fn positional_table_matches_diffusers() {
             FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap(),
         )
         .unwrap();
-        let err = max_err(bb.model().pos_embed().pos_embed(), &io(case)["pos_embed"]);
+        let err = max_err(
+            bb.model().pos_embed().pos_embed().unwrap(),
+            &io(case)["pos_embed"],
+        );
         println!("sd3 pos_embed table `{case}`: max abs error {err:.3e}");
         assert!(err <= 1e-6, "`{case}`: table differs by {err:e}");
     }

@@ -54,6 +54,7 @@ fn sampler(dir: &Path, bb: &ShapesBackbone) -> Box<dyn Sampler> {
         return FlowMatchEulerSpec {
             steps: 20,
             shift: 1.0,
+            guidance: None,
         }
         .build()
         .unwrap();

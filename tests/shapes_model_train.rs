@@ -35,6 +35,7 @@ per_image_noise = true
 per_image_timesteps = true
 lr = 1e-3
 ema = { decay = 0.5 }
+checkpoint = { every = 3, keep = 1 }
 "#;
 
 #[test]
@@ -88,6 +89,40 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
     );
     assert!(moved("text_encoder."), "the text tower did not train");
     assert!(moved("transformer."), "the MMDiT did not train");
+
+    // `softalign export` writes the last checkpoint exactly as the run wrote its results.
+    let export = |extra: &[&str], out: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+            .args(["export", "--run-dir"])
+            .arg(&run)
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let weights = "transformer/diffusion_pytorch_model.safetensors";
+    for (extra, out, twin) in [
+        (&[][..], "raw", "final"),
+        (&["--ema"][..], "ema", "final-ema"),
+    ] {
+        let o = export(extra, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let got = std::fs::read(dir.path().join(out).join(weights)).unwrap();
+        assert!(
+            got == std::fs::read(run.join(twin).join(weights)).unwrap(),
+            "{out} vs {twin}"
+        );
+    }
+    let o = export(&["--ema"], "ema");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("already holds files"),
+        "{e}"
+    );
+    let o = export(&["--checkpoint", "nowhere"], "x");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("nowhere"), "{e}");
 }
 
 /// Raw images + captions from an `image_manifest` (PNG files, one of them corrupt) go through

@@ -157,6 +157,7 @@ pub fn resolve(
     let get = |k: &str| scheduler.and_then(|c| c.get(k));
     let from_recipe = |k: &str| recipe.and_then(|r| r.get(k));
     let recipe_type = from_recipe("type").and_then(|t| t.as_str());
+    let recipe_guidance = from_recipe("guidance").and_then(|v| v.as_f64());
     let recipe_steps = from_recipe("steps")
         .and_then(|v| v.as_u64())
         .map(|v| v as usize);
@@ -177,8 +178,13 @@ pub fn resolve(
                 None => (3.0, Origin::Default),
             },
         );
-        let (guidance, guidance_from) = pick(s.guidance, None, (4.0, Origin::Default));
-        let sampler = FlowMatchEulerSpec { steps, shift }.build()?;
+        let (guidance, guidance_from) = pick(s.guidance, recipe_guidance, (4.0, Origin::Default));
+        let sampler = FlowMatchEulerSpec {
+            steps,
+            shift,
+            guidance: None,
+        }
+        .build()?;
         return Ok(Resolved {
             sampler,
             guidance,
@@ -199,7 +205,7 @@ pub fn resolve(
         bail!("--shift is a FlowMatch Euler setting; this model samples with DDIM");
     }
     let (steps, steps_from) = pick(s.steps, recipe_steps, (30, Origin::Default));
-    let (guidance, guidance_from) = pick(s.guidance, None, (7.0, Origin::Default));
+    let (guidance, guidance_from) = pick(s.guidance, recipe_guidance, (7.0, Origin::Default));
     let mut spec = serde_json::Map::new();
     if let Some(r) = recipe.and_then(|r| r.as_object()) {
         for (k, v) in r {

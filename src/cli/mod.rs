@@ -6,6 +6,7 @@ pub mod cache;
 pub mod compare_grid;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod forward;
 pub mod forward_text;
 pub mod forward_unet;

@@ -33,6 +33,8 @@ CASES = {
     "dual": (dict(num_layers=3, qk_norm="rms_norm", dual_attention_layers=[0, 1]), (8, 8)),
     "nonsquare": (dict(num_layers=2, pos_embed_max_size=10, sample_size=12), (8, 12)),
     "sharded": (dict(num_layers=2), (8, 8)),
+    # PixArt-style config: no persistent table, one computed for each latent grid.
+    "no_max": (dict(num_layers=2, pos_embed_max_size=None), (8, 12)),
 }
 
 BATCH = 2

@@ -74,6 +74,10 @@ pub struct DdimSpec {
     /// `force_zeros_for_empty_prompt`), instead of the encoded empty prompt.
     #[serde(default)]
     pub zero_uncond: bool,
+    /// Classifier-free guidance scale for `sample`, `eval` and `demo` with this recipe (the
+    /// command line's `--guidance` wins; unset: 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
 }
 
 impl Default for DdimSpec {
@@ -135,12 +139,14 @@ steps = 30
 eta = 0.0
 timestep_spacing = "leading"
 steps_offset = 1
+guidance = 7.0
 "#
 );
 
 #[typetag::serde(name = "ddim")]
 impl SamplerSpec for DdimSpec {
     fn validate(&self) -> Result<()> {
+        super::validate_guidance("ddim", self.guidance)?;
         Ddim::new(self).map(|_| ())
     }
     fn build(&self) -> Result<Box<dyn Sampler>> {

@@ -76,6 +76,10 @@ pub struct FlowMatchEulerSpec {
     /// SD3's scheduler config uses 3.0.
     #[serde(default = "default_shift")]
     pub shift: f64,
+    /// Classifier-free guidance scale for `sample`, `eval` and `demo` with this recipe (the
+    /// command line's `--guidance` wins; unset: 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
 }
 
 impl Default for FlowMatchEulerSpec {
@@ -83,6 +87,7 @@ impl Default for FlowMatchEulerSpec {
         Self {
             steps: default_steps(),
             shift: default_shift(),
+            guidance: None,
         }
     }
 }
@@ -96,12 +101,14 @@ register_plugin!(
 type = "flow_match_euler"
 steps = 28
 shift = 3.0
+guidance = 4.0
 "#
 );
 
 #[typetag::serde(name = "flow_match_euler")]
 impl SamplerSpec for FlowMatchEulerSpec {
     fn validate(&self) -> Result<()> {
+        super::validate_guidance("flow_match_euler", self.guidance)?;
         schedule(self.steps, self.shift).map(|_| ())
     }
     fn build(&self) -> Result<Box<dyn Sampler>> {

@@ -117,10 +117,6 @@ impl Sd3Config {
         self.out_channels.unwrap_or(self.in_channels)
     }
 
-    pub fn pos_embed_max_size(&self) -> i64 {
-        self.pos_embed_max_size.unwrap_or(0)
-    }
-
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, why: String| Err(Error::invalid(format!("`{f}` {why}")));
         for (f, v) in [
@@ -150,16 +146,11 @@ impl Sd3Config {
                 ),
             );
         }
-        match self.pos_embed_max_size {
-            Some(m) if m > 0 => {}
-            _ => {
-                return bad(
-                    "pos_embed_max_size",
-                    "must be a positive integer: only the cropped (SD3) positional table is \
-                     implemented"
-                        .into(),
-                )
-            }
+        if let Some(m) = self.pos_embed_max_size.filter(|m| *m <= 0) {
+            return bad(
+                "pos_embed_max_size",
+                format!("must be a positive integer or null (got {m})"),
+            );
         }
         if self.inner_dim() % 4 != 0 {
             return bad(

@@ -33,35 +33,43 @@ fn sincos_1d(dim: i64, pos: &Tensor) -> Tensor {
     Tensor::cat(&[out.sin(), out.cos()], 1)
 }
 
-/// `get_2d_sincos_pos_embed(dim, grid, base_size)` as (1, grid*grid, dim) fp32. The grid
-/// coordinates are fp32 (`arange / (grid / base_size)`), the trigonometry fp64. diffusers'
-/// meshgrid puts the column coordinate first: the first half of each row encodes the column.
-pub fn sincos_2d(dim: i64, grid: i64, base_size: i64, device: Device) -> Tensor {
-    let coords = Tensor::arange(grid, (Kind::Float, device)) / (grid as f64 / base_size as f64);
-    let cols = coords.unsqueeze(0).expand([grid, grid], false);
-    let rows = coords.unsqueeze(1).expand([grid, grid], false);
+/// `get_2d_sincos_pos_embed(dim, (h, w), base_size)` as (1, h*w, dim) fp32. The grid
+/// coordinates are fp32 (`arange(n) / (n / base_size)` per axis), the trigonometry fp64.
+/// diffusers' meshgrid puts the column coordinate first: the first half of each row encodes
+/// the column.
+pub fn sincos_2d(dim: i64, h: i64, w: i64, base_size: i64, device: Device) -> Tensor {
+    let axis = |n: i64| Tensor::arange(n, (Kind::Float, device)) / (n as f64 / base_size as f64);
+    let cols = axis(w).unsqueeze(0).expand([h, w], false);
+    let rows = axis(h).unsqueeze(1).expand([h, w], false);
     let emb = Tensor::cat(&[sincos_1d(dim / 2, &cols), sincos_1d(dim / 2, &rows)], 1);
     emb.to_kind(Kind::Float).unsqueeze(0)
 }
 
-/// `PatchEmbed` with `pos_embed_max_size`: a stride-`patch` conv, then the centre crop of the
-/// (max x max) table that fits the latent. The table is a persistent buffer in diffusers, so
-/// it lives in the VarStore (not trainable) and in the checkpoint.
+/// Where the positional table comes from: SD3's persistent (max x max) table, centre-cropped
+/// to the latent, or (`pos_embed_max_size: null`, PixArt-style configs) a table computed for
+/// the latent's own grid, which diffusers keeps as a non-persistent buffer (not in the file).
+#[derive(Debug)]
+enum PosTable {
+    Cropped { table: Tensor, max_size: i64 },
+    PerGrid { dim: i64, base_size: i64 },
+}
+
+/// `PatchEmbed`: a stride-`patch` conv, then the 2-D sin-cos positions.
 #[derive(Debug)]
 pub struct PatchEmbed {
     proj: nn::Conv2D,
-    pos_embed: Tensor,
+    pos: PosTable,
     patch: i64,
-    max_size: i64,
 }
 
 impl PatchEmbed {
+    /// `max_size`: `pos_embed_max_size` (None: the table follows the latent's grid).
     pub fn new(
         p: nn::Path,
         in_channels: i64,
         dim: i64,
         patch: i64,
-        max_size: i64,
+        max_size: Option<i64>,
         base_size: i64,
     ) -> Self {
         let cfg = nn::ConvConfig {
@@ -69,38 +77,45 @@ impl PatchEmbed {
             ..Default::default()
         };
         let proj = nn::conv2d(&p / "proj", in_channels, dim, patch, cfg);
-        let mut pos_embed = p.zeros_no_train("pos_embed", &[1, max_size * max_size, dim]);
-        let table = sincos_2d(dim, max_size, base_size, p.device());
-        tch::no_grad(|| pos_embed.copy_(&table));
-        Self {
-            proj,
-            pos_embed,
-            patch,
-            max_size,
+        let pos = match max_size {
+            Some(max_size) => {
+                let mut table = p.zeros_no_train("pos_embed", &[1, max_size * max_size, dim]);
+                let values = sincos_2d(dim, max_size, max_size, base_size, p.device());
+                tch::no_grad(|| table.copy_(&values));
+                PosTable::Cropped { table, max_size }
+            }
+            None => PosTable::PerGrid { dim, base_size },
+        };
+        Self { proj, pos, patch }
+    }
+
+    /// The persistent table (None where the config computes it per grid).
+    pub fn pos_embed(&self) -> Option<&Tensor> {
+        match &self.pos {
+            PosTable::Cropped { table, .. } => Some(table),
+            PosTable::PerGrid { .. } => None,
         }
     }
 
-    pub fn pos_embed(&self) -> &Tensor {
-        &self.pos_embed
-    }
-
-    fn cropped_pos_embed(&self, h: i64, w: i64) -> Result<Tensor> {
+    fn positions(&self, h: i64, w: i64, device: Device) -> Result<Tensor> {
         let (h, w) = (h / self.patch, w / self.patch);
-        if h > self.max_size || w > self.max_size {
+        let (table, max_size) = match &self.pos {
+            PosTable::PerGrid { dim, base_size } => {
+                return Ok(sincos_2d(*dim, h, w, *base_size, device))
+            }
+            PosTable::Cropped { table, max_size } => (table, *max_size),
+        };
+        if h > max_size || w > max_size {
             return Err(Error::tensor(
                 "hidden_states",
-                format!(
-                    "latent of {h}x{w} patches exceeds pos_embed_max_size {}",
-                    self.max_size
-                ),
+                format!("latent of {h}x{w} patches exceeds pos_embed_max_size {max_size}"),
             ));
         }
-        let top = (self.max_size - h) / 2;
-        let left = (self.max_size - w) / 2;
-        let d = *self.pos_embed.size().last().expect("3-D table");
-        Ok(self
-            .pos_embed
-            .reshape([1, self.max_size, self.max_size, d])
+        let top = (max_size - h) / 2;
+        let left = (max_size - w) / 2;
+        let d = *table.size().last().expect("3-D table");
+        Ok(table
+            .reshape([1, max_size, max_size, d])
             .narrow(1, top, h)
             .narrow(2, left, w)
             .reshape([1, -1, d]))
@@ -109,7 +124,7 @@ impl PatchEmbed {
     pub fn forward(&self, latent: &Tensor) -> Result<Tensor> {
         let (h, w) = (latent.size()[2], latent.size()[3]);
         let x = self.proj.forward(latent).flatten(2, -1).transpose(1, 2);
-        let pos = self.cropped_pos_embed(h, w)?;
+        let pos = self.positions(h, w, latent.device())?;
         let k = x.kind();
         Ok((x + pos).to_kind(k))
     }

@@ -155,7 +155,7 @@ impl Sd3Transformer2DModel {
                 cfg.in_channels,
                 dim,
                 cfg.patch_size,
-                cfg.pos_embed_max_size(),
+                cfg.pos_embed_max_size,
                 cfg.sample_size / cfg.patch_size,
             ),
             time_text_embed: CombinedTimestepTextProjEmbeddings::new(

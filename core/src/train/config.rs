@@ -143,6 +143,12 @@ pub enum Schedule {
 #[serde(deny_unknown_fields)]
 pub struct EmaConfig {
     pub decay: f64,
+    /// diffusers `EMAModel`'s ramp: the decay at optimizer step k is
+    /// min(decay, k / (9 + k)) (0 at the first step, so the average starts at the trained
+    /// weights, not the initial ones). Without it a from-scratch model's EMA keeps
+    /// decay^steps of its random init (a quarter after 1400 steps at 0.999).
+    #[serde(default)]
+    pub warmup: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

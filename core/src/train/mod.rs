@@ -24,4 +24,4 @@ pub use config::TrainConfig;
 pub use optim::AdamW;
 pub use schedule::LrSchedule;
 pub use task::{MicroStep, TrainTask};
-pub use trainer::{train, TrainSummary, TrainerOptions};
+pub use trainer::{export_checkpoint, train, TrainSummary, TrainerOptions};

@@ -100,7 +100,10 @@ pub fn train(
     checkpoint::remove_partial(&run_dir)?;
 
     let mut optim = AdamW::from_config(cfg, &params)?;
-    let mut ema = cfg.ema.as_ref().map(|e| Ema::new(e.decay, &params));
+    let mut ema = cfg
+        .ema
+        .as_ref()
+        .map(|e| Ema::new(e.decay, e.warmup, &params));
     let mut counters = Counters {
         bad_in_row: 0,
         skipped: 0,
@@ -237,6 +240,46 @@ pub fn train(
     })
 }
 
+/// Writes what a finished run writes to `final/` (or, with `ema`, `final-ema/`) from one of
+/// its checkpoints instead, into `out` (new or empty): to evaluate a run part-way, or to keep
+/// a stopped run's result. Returns the checkpoint's step.
+pub fn export_checkpoint(
+    task: &mut dyn TrainTask,
+    run_dir: &Path,
+    from: &ResumeFrom,
+    ema: bool,
+    out: &Path,
+) -> Result<u64> {
+    let dir = checkpoint::resolve(run_dir, from)?;
+    let ck = checkpoint::read_checkpoint(&dir)?;
+    let here = dir.display().to_string();
+    if std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Error::file(
+            out,
+            "already holds files; export into a new folder",
+        ));
+    }
+    let mut params = task.parameters();
+    copy_named(
+        &mut params,
+        &ck.params,
+        &format!("{here}/{}", checkpoint::PARAMS_FILE),
+    )?;
+    task.load_extra_state(&ck.extra)?;
+    if ema {
+        let weights = ck.ema.as_ref().ok_or_else(|| {
+            Error::file(&dir, "holds no EMA (the run was trained without train.ema)")
+        })?;
+        copy_named(
+            &mut params,
+            weights,
+            &format!("{here}/{}", checkpoint::EMA_FILE),
+        )?;
+    }
+    task.export(out, ck.state.step)?;
+    Ok(ck.state.step)
+}
+
 /// Exports the task with `weights` in place of its parameters, then puts them back.
 fn export_with(
     task: &mut dyn TrainTask,
@@ -354,7 +397,7 @@ impl Loop<'_> {
                 zero_grads(self.params);
                 task.after_step(step)?;
                 if let Some(e) = self.ema.as_mut() {
-                    e.update(self.params)?;
+                    e.update(self.params, step)?;
                 }
             }
             let step_time_s = t0.elapsed().as_secs_f64();
