@@ -740,3 +740,70 @@ fn recipe_check_prints_the_table_11_parameter_counts() {
         assert!(err.contains("trainable parameters"), "{err}");
     }
 }
+
+// ---- command line -------------------------------------------------------------------------
+
+/// `lora merge` writes a folder whose forward equals `forward --lora` (merged at load) and
+/// `forward --lora --unmerged` (at the linear sites).
+#[test]
+fn lora_merge_and_forward_lora_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    training_fixture(d);
+    {
+        let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(4);
+        let b = Sd3Spec::from_path(d.join("model"))
+            .build(&BuildContext::cpu("."))
+            .unwrap();
+        let spec: LoraSpec = toml::from_str("rank = 2\nalpha = 4.0").unwrap();
+        let lora = spec.build(b.info(), &BuildContext::cpu(".")).unwrap();
+        let _ng = tch::no_grad_guard();
+        for (n, mut t) in lora.trainable() {
+            if n.ends_with("lora_B.weight") {
+                t.copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        }
+        lora.export(&d.join("lora")).unwrap();
+        let o = (Kind::Float, Device::Cpu);
+        let inputs = vec![
+            ("hidden_states".to_string(), Tensor::randn([2, 4, 8, 8], o)),
+            ("timestep".to_string(), Tensor::from_slice(&[5.0f32, 700.0])),
+            ("encoder_hidden_states".to_string(), Tensor::randn([2, 5, 12], o)),
+            ("pooled_projections".to_string(), Tensor::randn([2, 10], o)),
+        ];
+        save_safetensors(d.join("in.safetensors"), &inputs, &Default::default()).unwrap();
+    }
+    let s = |p: PathBuf| p.to_str().unwrap().to_string();
+    let file = s(d.join("lora/pytorch_lora_weights.safetensors"));
+    let (ok, err) = softalign(&[
+        "lora", "merge", "--backbone", "sd3", "--model", &s(d.join("model")), "--lora",
+        &format!("{file}:0.5"), "--output", &s(d.join("merged")),
+    ]);
+    assert!(ok, "{err}");
+    let run = |model: PathBuf, extra: &[&str], out: &str| {
+        let mut args = vec![
+            "forward".to_string(), "--device".into(), "cpu".into(), "--model".into(), s(model),
+            "--inputs".into(), s(d.join("in.safetensors")), "--output".into(), s(d.join(out)),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = softalign(&a);
+        assert!(ok, "{err}");
+        softalign_core::tensors::MappedSafetensors::open(d.join(out))
+            .unwrap()
+            .tensor("sample")
+            .unwrap()
+    };
+    let half = format!("{file}:0.5");
+    let merged = run(d.join("merged"), &[], "a.safetensors");
+    let at_load = run(d.join("model"), &["--lora", &half], "b.safetensors");
+    let unmerged = run(d.join("model"), &["--lora", &half, "--unmerged"], "c.safetensors");
+    let plain = run(d.join("model"), &[], "d.safetensors");
+    assert!(rel_err(&plain, &merged) > 1e-4, "the LoRA changes nothing");
+    for (what, t) in [("at load", &at_load), ("unmerged", &unmerged)] {
+        let e = rel_err(t, &merged);
+        println!("forward --lora {what} vs lora merge: {e:.2e}");
+        assert!(e < TOL, "{what}: {e}");
+    }
+}
