@@ -577,29 +577,29 @@ fn broken_and_mismatched_files_are_refused_by_name() {
     let pickle = d.join("evil.bin");
     malicious_bin(&pickle);
     let qa = |s: &str| format!("{q}.{s}");
-    let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+    let cases: [(&str, PathBuf, &[&str]); 12] = [
         (
             "unknown module",
             write(d, "unknown.safetensors", vec![
                 ("transformer.transformer_blocks.0.attn.to_qq.lora_A.weight", z(&[4, 16])),
                 ("transformer.transformer_blocks.0.attn.to_qq.lora_B.weight", z(&[16, 4])),
             ]),
-            vec!["to_qq.lora_A.weight", "nearest", "transformer_blocks.0.attn.to_q`"],
+            &["to_qq.lora_A.weight", "nearest", "transformer_blocks.0.attn.to_q`"],
         ),
         (
             "rank mismatch",
             write(d, "rank.safetensors", vec![(&*qa("lora_A.weight"), z(&[4, 16])), (&*qa("lora_B.weight"), z(&[16, 3]))]),
-            vec!["rank mismatch", "to_q.lora_A.weight"],
+            &["rank mismatch", "to_q.lora_A.weight"],
         ),
         (
             "wrong in size",
             write(d, "in.safetensors", vec![(&*qa("lora_A.weight"), z(&[4, 7])), (&*qa("lora_B.weight"), z(&[16, 4]))]),
-            vec!["to_q.lora_A.weight", "[16, 16]"],
+            &["to_q.lora_A.weight", "[16, 16]"],
         ),
         (
             "wrong out size",
             write(d, "out.safetensors", vec![(&*qa("lora_A.weight"), z(&[4, 16])), (&*qa("lora_B.weight"), z(&[9, 4]))]),
-            vec!["to_q.lora_A.weight", "do not fit"],
+            &["to_q.lora_A.weight", "do not fit"],
         ),
         (
             "mixed dialects",
@@ -608,27 +608,27 @@ fn broken_and_mismatched_files_are_refused_by_name() {
                 (&*qa("lora_B.weight"), z(&[16, 4])),
                 ("lora_unet_transformer_blocks_0_attn_to_k.lora_down.weight", z(&[4, 16])),
             ]),
-            vec!["mixes LoRA dialects", "kohya"],
+            &["mixes LoRA dialects", "kohya"],
         ),
-        ("truncated file", truncated, vec!["truncated.safetensors", "not a valid safetensors"]),
-        ("pickle running code", pickle, vec!["evil.bin", "os.system"]),
+        ("truncated file", truncated, &["truncated.safetensors", "not a valid safetensors"]),
+        ("pickle running code", pickle, &["evil.bin", "os.system"]),
         (
             "a LoRA for another model",
             write(d, "unet.safetensors", vec![
                 ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight", z(&[4, 16])),
                 ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight", z(&[16, 4])),
             ]),
-            vec!["is for `unet`", "another model", "attn1.to_q.lora.down.weight"],
+            &["is for `unet`", "another model", "attn1.to_q.lora.down.weight"],
         ),
         (
             "B without A",
             write(d, "half.safetensors", vec![(&*qa("lora_B.weight"), z(&[16, 4]))]),
-            vec!["transformer_blocks.0.attn.to_q", "no down/A"],
+            &["transformer_blocks.0.attn.to_q", "no down/A"],
         ),
         (
             "not a LoRA key",
             write(d, "plain.safetensors", vec![("transformer_blocks.0.attn.to_q.weight", z(&[16, 16]))]),
-            vec!["transformer_blocks.0.attn.to_q.weight", "no LoRA key"],
+            &["transformer_blocks.0.attn.to_q.weight", "no LoRA key"],
         ),
         (
             "kohya name matching nothing",
@@ -636,7 +636,7 @@ fn broken_and_mismatched_files_are_refused_by_name() {
                 ("lora_unet_transformer_blocks_0_attn_to_qz.lora_down.weight", z(&[4, 16])),
                 ("lora_unet_transformer_blocks_0_attn_to_qz.lora_up.weight", z(&[16, 4])),
             ]),
-            vec!["to_qz.lora_down.weight", "nearest", "transformer_blocks.0.attn.to_q`"],
+            &["to_qz.lora_down.weight", "nearest", "transformer_blocks.0.attn.to_q`"],
         ),
         ("missing file", d.join("nope.safetensors"), vec!["nope.safetensors", "not found"]),
     ];
@@ -648,7 +648,7 @@ fn broken_and_mismatched_files_are_refused_by_name() {
             .err()
             .unwrap_or_else(|| panic!("{what}: accepted"))
             .to_string();
-        for n in needles {
+        for n in needles.iter() {
             assert!(err.contains(n), "{what}: `{n}` not in: {err}");
         }
     }
@@ -769,7 +769,10 @@ fn lora_merge_and_forward_lora_agree() {
         let inputs = vec![
             ("hidden_states".to_string(), Tensor::randn([2, 4, 8, 8], o)),
             ("timestep".to_string(), Tensor::from_slice(&[5.0f32, 700.0])),
-            ("encoder_hidden_states".to_string(), Tensor::randn([2, 5, 12], o)),
+            (
+                "encoder_hidden_states".to_string(),
+                Tensor::randn([2, 5, 12], o),
+            ),
             ("pooled_projections".to_string(), Tensor::randn([2, 10], o)),
         ];
         save_safetensors(d.join("in.safetensors"), &inputs, &Default::default()).unwrap();
@@ -777,14 +780,29 @@ fn lora_merge_and_forward_lora_agree() {
     let s = |p: PathBuf| p.to_str().unwrap().to_string();
     let file = s(d.join("lora/pytorch_lora_weights.safetensors"));
     let (ok, err) = softalign(&[
-        "lora", "merge", "--backbone", "sd3", "--model", &s(d.join("model")), "--lora",
-        &format!("{file}:0.5"), "--output", &s(d.join("merged")),
+        "lora",
+        "merge",
+        "--backbone",
+        "sd3",
+        "--model",
+        &s(d.join("model")),
+        "--lora",
+        &format!("{file}:0.5"),
+        "--output",
+        &s(d.join("merged")),
     ]);
     assert!(ok, "{err}");
     let run = |model: PathBuf, extra: &[&str], out: &str| {
         let mut args = vec![
-            "forward".to_string(), "--device".into(), "cpu".into(), "--model".into(), s(model),
-            "--inputs".into(), s(d.join("in.safetensors")), "--output".into(), s(d.join(out)),
+            "forward".to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "--model".into(),
+            s(model),
+            "--inputs".into(),
+            s(d.join("in.safetensors")),
+            "--output".into(),
+            s(d.join(out)),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -798,7 +816,11 @@ fn lora_merge_and_forward_lora_agree() {
     let half = format!("{file}:0.5");
     let merged = run(d.join("merged"), &[], "a.safetensors");
     let at_load = run(d.join("model"), &["--lora", &half], "b.safetensors");
-    let unmerged = run(d.join("model"), &["--lora", &half, "--unmerged"], "c.safetensors");
+    let unmerged = run(
+        d.join("model"),
+        &["--lora", &half, "--unmerged"],
+        "c.safetensors",
+    );
     let plain = run(d.join("model"), &[], "d.safetensors");
     assert!(rel_err(&plain, &merged) > 1e-4, "the LoRA changes nothing");
     for (what, t) in [("at load", &at_load), ("unmerged", &unmerged)] {
