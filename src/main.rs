@@ -52,6 +52,9 @@ enum Command {
     /// Run an object detector (a YOLOv8 TorchScript export) on image files: boxes, classes,
     /// scores and counts per image as JSON lines.
     Detect(cli::detect::Args),
+    /// LoRA tools (`lora merge`: LoRA files merged into a model folder).
+    #[command(subcommand)]
+    Lora(cli::lora::Command),
     /// Convert the SoftREPA release's dc_tokens.pth / dc_t_tokens.pth into an adapter file.
     ImportTokens(cli::import_tokens::Args),
 }
@@ -70,6 +73,7 @@ fn main() {
         Command::Demo(a) => cli::demo::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
+        Command::Lora(c) => cli::lora::run(c),
         Command::ImportTokens(a) => cli::import_tokens::run(a),
         Command::Detect(a) => cli::detect::run(a),
     };

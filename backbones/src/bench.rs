@@ -2,6 +2,7 @@
 //! without an adapter, round-robin over the cases, median per case.
 use std::time::Instant;
 
+use softalign_core::adapter::lora::{Lora, LoraSpec};
 use softalign_core::adapter::soft_tokens::SoftTokensSpec;
 use softalign_core::adapter::{Adapter, Injection, TokenSelection};
 use softalign_core::backbone::{Backbone, Conditioning};
@@ -42,6 +43,8 @@ pub struct BenchInputs<'a> {
     pub t: Tensor,
     pub cond: Conditioning,
     pub adapter: Box<dyn Adapter>,
+    /// A LoRA timed unmerged (at the linear sites), then merged into the weights.
+    pub lora: Option<Lora>,
     pub warmup: usize,
     pub iters: usize,
 }
@@ -78,21 +81,89 @@ pub fn bench_tokens(
     spec.build(backbone.info(), &ctx)
 }
 
+/// A rank-4 LoRA (alpha 4) on `blocks` with the component's default targets, B random so
+/// the merge changes the weights.
+pub fn bench_lora(backbone: &dyn Backbone, blocks: Option<SiteSelector>) -> Result<Lora> {
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: None,
+        rslora: false,
+        targets: None,
+        blocks,
+        component: None,
+        init: Default::default(),
+        dropout: 0.0,
+        use_dora: false,
+        sets: vec!["default".into()],
+        ema: false,
+        ema_decay: 0.9999,
+    };
+    let layout = spec.layout(backbone.info())?;
+    let l = Lora::new(&spec, layout, backbone.device());
+    let _g = tch::no_grad_guard();
+    for (n, mut t) in l.trainable() {
+        if n.ends_with("lora_B.weight") {
+            t.copy_(&(Tensor::randn(t.size(), (Kind::Float, t.device())) * 0.01));
+        }
+    }
+    Ok(l)
+}
+
+/// Cases: (name, hook, backward). Forward alone is a sampling step's denoiser call; fwd+bwd
+/// a training step's (gradients to the adapter, or to the input without one).
 pub fn time_cases(b: &BenchInputs<'_>, mut report: impl FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+    let mut rows = time_set(
+        b,
+        &[
+            ("sampling step: forward", None, false),
+            ("sampling step: + soft tokens", Some(0), false),
+            ("training step: fwd+bwd (to input)", None, true),
+            ("training step: + soft tokens", Some(0), true),
+        ],
+        std::slice::from_ref(&b.adapter),
+        &mut report,
+    )?;
+    if let Some(lora) = &b.lora {
+        // The LoRA is only borrowed by the timing; a boxed shallow copy shares its tensors.
+        let boxed: Vec<Box<dyn Adapter>> = vec![Box::new(lora.shallow_clone())];
+        rows.extend(time_set(
+            b,
+            &[
+                ("sampling step: + LoRA unmerged", Some(0), false),
+                ("training step: + LoRA unmerged", Some(0), true),
+            ],
+            &boxed,
+            &mut report,
+        )?);
+        lora.merge_into(b.backbone.var_store(), "default")?;
+        rows.extend(time_set(
+            b,
+            &[
+                ("sampling step: LoRA merged", None, false),
+                ("training step: LoRA merged (to input)", None, true),
+            ],
+            &boxed,
+            &mut report,
+        )?);
+    }
+    Ok(rows)
+}
+
+fn time_set(
+    b: &BenchInputs<'_>,
+    cases: &[(&str, Option<usize>, bool)],
+    adapters: &[Box<dyn Adapter>],
+    mut report: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
     let inj = Injection {
-        adapters: std::slice::from_ref(&b.adapter),
+        adapters,
         selection: TokenSelection::default(),
     };
-    let cases = [
-        ("forward", false, false),
-        ("forward + soft tokens", true, false),
-        ("fwd+bwd (to input)", false, true),
-        ("fwd+bwd + soft tokens", true, true),
-    ];
-    let step = |with_tokens: bool, backward: bool| -> Result<()> {
+    let step = |with: Option<usize>, backward: bool| -> Result<()> {
+        let with_tokens = with.is_some();
         let hook = with_tokens.then_some(&inj as &dyn SiteHook);
         if backward {
-            // Without tokens the gradient goes to the input, so the backward pass is complete.
+            // Without an adapter the gradient goes to the input, so the backward is complete.
             let xi = if with_tokens {
                 b.x.shallow_clone()
             } else {
@@ -109,7 +180,7 @@ pub fn time_cases(b: &BenchInputs<'_>, mut report: impl FnMut(&BenchRow)) -> Res
         }
         Ok(())
     };
-    for &(_, tok, bwd) in &cases {
+    for &(_, tok, bwd) in cases {
         for _ in 0..b.warmup {
             step(tok, bwd)?;
         }

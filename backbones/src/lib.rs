@@ -2,6 +2,7 @@
 pub mod bench;
 pub mod clip;
 pub mod diffusers_config;
+pub mod linear;
 pub mod model_folder;
 pub mod pipeline;
 pub mod schedulers;

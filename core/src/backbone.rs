@@ -115,6 +115,9 @@ pub struct BackboneInfo {
     pub kind: String,
     pub prediction: Prediction,
     pub sites: Vec<SiteInfo>,
+    /// Every Linear layer adapters may act at (LoRA), named by diffusers module path.
+    #[serde(default)]
+    pub linear_sites: Vec<crate::linear_site::LinearSite>,
     /// Names of the conditioning tensors the forward takes.
     pub conditioning: Vec<String>,
 }
@@ -216,6 +219,15 @@ pub trait Backbone: Send {
             "backbone `{}` has no decoder to images",
             self.info().kind
         )))
+    }
+    /// The weights LoRA files may name, per pipeline component (`transformer` / `unet` first,
+    /// then `text_encoder`, `text_encoder_2`, ...): where merging writes.
+    fn weight_targets(&self) -> Vec<crate::adapter::lora::merge::WeightTarget<'_>> {
+        Vec::new()
+    }
+    /// The UNet's `layers_per_block`, which maps SDXL's SGM names in kohya files.
+    fn unet_layers_per_block(&self) -> Option<i64> {
+        None
     }
     /// Writes the weights as a diffusers-style folder (config.json + safetensors), where the
     /// backbone supports it (full-parameter training saves its result this way).

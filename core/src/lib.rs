@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod detector;
 pub mod dtype;
 pub mod error;
+pub mod linear_site;
 pub mod logging;
 pub mod metrics;
 pub mod objective;
@@ -17,6 +18,7 @@ pub mod recipe;
 pub mod sampler;
 pub mod site;
 pub mod tensors;
+pub mod torch_pickle;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -81,6 +81,12 @@ pub trait AdapterSpec: Debug + Send + Sync {
         None
     }
     fn build(&self, backbone: &BackboneInfo, ctx: &BuildContext) -> Result<Box<dyn Adapter>>;
+    /// Trainable parameters the adapter would have on `backbone` (online tensors of every
+    /// set), known without weights; `recipe check` prints it.
+    fn trainable_parameters(&self, backbone: &BackboneInfo) -> Result<Option<i64>> {
+        let _ = backbone;
+        Ok(None)
+    }
 }
 
 #[typetag::serde(tag = "type")]

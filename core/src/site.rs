@@ -102,6 +102,16 @@ pub trait SiteHook {
         t: &Tensor,
         batch: i64,
     ) -> Result<Option<ContextTokens>>;
+    /// What the Linear layer named `site` (a [`crate::linear_site::LinearSite`] name) adds to
+    /// its output for input `x` (LoRA); None: nothing.
+    fn linear_delta(&self, site: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        let _ = (site, x);
+        Ok(None)
+    }
+    /// Whether `linear_delta` can return anything (lets a forward skip the Linear scope).
+    fn has_linear_deltas(&self) -> bool {
+        false
+    }
 }
 
 /// A site selection as written in recipes: `"joint_blocks[0..5]"`, `"joint_blocks[0..=4]"`,
@@ -173,6 +183,40 @@ impl SiteSelector {
     }
 }
 
+impl SiteSelector {
+    /// Which of `paths` (module paths such as `transformer_blocks.3.attn.to_q`) lie under
+    /// the selected modules: `transformer_blocks[0..5]` picks the paths under blocks 0 to 4,
+    /// `transformer_blocks.*` or `transformer_blocks` all of them. Every pattern must pick
+    /// something and every index of a range must exist, as for sites.
+    pub fn select_under(&self, paths: &[&str]) -> Result<Vec<bool>> {
+        let mut chosen = vec![false; paths.len()];
+        for p in self.patterns() {
+            let pat = parse_pattern(p)?;
+            let mut hit = false;
+            for (k, path) in paths.iter().enumerate() {
+                if pat.matches_under(path) {
+                    chosen[k] = true;
+                    hit = true;
+                }
+            }
+            let all_exist = match &pat {
+                Pattern::Range { base, lo, hi } => (*lo..*hi).all(|i| {
+                    let b = format!("{base}.{i}.");
+                    paths.iter().any(|p| p.starts_with(&b))
+                }),
+                _ => true,
+            };
+            if !hit || !all_exist {
+                return Err(Error::invalid(format!(
+                    "blocks: `{p}` does not match the model's modules (e.g. {})",
+                    summarise_names(&paths[..paths.len().min(3)])
+                )));
+            }
+        }
+        Ok(chosen)
+    }
+}
+
 fn summarise_names(names: &[&str]) -> String {
     if names.len() <= 8 {
         names.join(", ")
@@ -203,6 +247,21 @@ impl Pattern {
                 .strip_prefix(base.as_str())
                 .and_then(|r| r.strip_prefix('.'))
                 .and_then(|r| r.parse::<usize>().ok())
+                .is_some_and(|i| (*lo..*hi).contains(&i)),
+        }
+    }
+    /// Whether `path` is the module this pattern names or lies inside it.
+    fn matches_under(&self, path: &str) -> bool {
+        let under = |base: &str| {
+            path == base || path.strip_prefix(base).is_some_and(|r| r.starts_with('.'))
+        };
+        match self {
+            Pattern::Exact(n) | Pattern::Prefix(n) => under(n),
+            Pattern::Range { base, lo, hi } => path
+                .strip_prefix(base.as_str())
+                .and_then(|r| r.strip_prefix('.'))
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
                 .is_some_and(|i| (*lo..*hi).contains(&i)),
         }
     }

@@ -21,6 +21,7 @@ fn mmdit_like(blocks: usize) -> BackboneInfo {
                 },
             })
             .collect(),
+        linear_sites: Vec::new(),
         conditioning: vec!["encoder_hidden_states".into()],
     }
 }

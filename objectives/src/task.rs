@@ -252,6 +252,14 @@ impl TrainTask for ObjectiveTask {
                 format!("adapter{k}.safetensors")
             };
             save_adapter(&dir.join(name), a.as_ref(), &meta)?;
+            // LoRA also as the files other tools load (diffusers, PEFT); several adapters
+            // each get a subfolder.
+            let sub = if self.adapters.len() == 1 {
+                dir.to_path_buf()
+            } else {
+                dir.join(format!("adapter{k}"))
+            };
+            a.export(&sub)?;
         }
         Ok(())
     }

@@ -99,14 +99,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 /// The table's header line (every backbone's bench prints the same table).
 pub fn print_header() {
     println!(
-        "{:<24} {:>12} {:>10} {:>16}",
+        "{:<38} {:>12} {:>10} {:>16}",
         "case", "ms/step", "pairs/s", "host peak MiB"
     );
 }
 
 pub fn print_row(r: &BenchRow) {
     println!(
-        "{:<24} {:>12.1} {:>10.2} {:>16}",
+        "{:<38} {:>12.1} {:>10.2} {:>16}",
         r.case,
         r.ms_per_step,
         r.pairs_per_s,
@@ -115,20 +115,39 @@ pub fn print_row(r: &BenchRow) {
     );
 }
 
-/// Soft tokens' cost relative to the bare model, forward and forward+backward.
+/// Each adapter's cost relative to the bare model, per sampling and training step.
 pub fn print_overheads(rows: &[BenchRow], device: tch::Device) {
     let ms = |name: &str| rows.iter().find(|r| r.case == name).map(|r| r.ms_per_step);
-    if let (Some(a), Some(b)) = (ms("forward"), ms("forward + soft tokens")) {
-        println!(
-            "soft-token overhead, forward: {:+.1}%",
-            (b / a - 1.0) * 100.0
-        );
-    }
-    if let (Some(a), Some(b)) = (ms("fwd+bwd (to input)"), ms("fwd+bwd + soft tokens")) {
-        println!(
-            "soft-token overhead, fwd+bwd: {:+.1}%",
-            (b / a - 1.0) * 100.0
-        );
+    for (what, base, with) in [
+        (
+            "soft tokens, sampling step",
+            "sampling step: forward",
+            "sampling step: + soft tokens",
+        ),
+        (
+            "soft tokens, training step",
+            "training step: fwd+bwd (to input)",
+            "training step: + soft tokens",
+        ),
+        (
+            "LoRA unmerged, sampling step",
+            "sampling step: forward",
+            "sampling step: + LoRA unmerged",
+        ),
+        (
+            "LoRA unmerged, training step",
+            "training step: fwd+bwd (to input)",
+            "training step: + LoRA unmerged",
+        ),
+        (
+            "LoRA merged, sampling step",
+            "sampling step: forward",
+            "sampling step: LoRA merged",
+        ),
+    ] {
+        if let (Some(a), Some(b)) = (ms(base), ms(with)) {
+            println!("{what} overhead: {:+.1}%", (b / a - 1.0) * 100.0);
+        }
     }
     if matches!(device, tch::Device::Cuda(_)) {
         println!("(GPU memory: tch exposes no CUDA allocator statistics; host peak shown)");

@@ -40,6 +40,14 @@ pub struct Args {
     /// Token set of the adapter to use (default: its first).
     #[arg(long)]
     pub token_set: Option<String>,
+    /// A LoRA file or folder merged into the model at load, optionally scaled
+    /// (`FILE[:SCALE]`, repeatable, stacked in order).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+    /// Apply the `--lora` files unmerged, at the linear sites during the forward (what
+    /// training does), instead of merging them into the weights.
+    #[arg(long, requires = "loras")]
+    pub unmerged: bool,
     /// Weight precision: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
@@ -101,11 +109,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for name in &backbone.info().conditioning {
         cond = cond.with(name, get(name)?);
     }
-    let adapters = match &a.adapter {
+    let mut adapters: Vec<Box<dyn softalign_core::adapter::Adapter>> = match &a.adapter {
         Some(p) => vec![load_adapter(p, backbone.info(), device)
             .with_context(|| format!("loading adapter {}", p.display()))?],
         None => Vec::new(),
     };
+    if a.unmerged {
+        use softalign_core::adapter::lora::{merge, Lora};
+        for s in &a.loras {
+            let r = merge::LoraRef::parse(s)?;
+            let w = merge::read_for(backbone.as_ref(), &r.path)?;
+            let l = Lora::from_weights(&w, backbone.info(), r.scale)?;
+            adapters.push(Box::new(l.to_device(device)));
+        }
+    } else {
+        super::model::merge_loras(backbone.as_ref(), &a.loras)?;
+    }
     let inj = Injection {
         adapters: &adapters,
         selection: TokenSelection {

@@ -41,6 +41,21 @@ pub struct ModelArgs {
     /// Use the adapter's EMA copy of that set.
     #[arg(long)]
     pub ema: bool,
+    /// A LoRA file or folder (PEFT, diffusers, attention-processor .bin, kohya) merged into
+    /// the weights at load, optionally scaled: `--lora style.safetensors:0.8` (repeatable;
+    /// stacked in order, after the recipe's `[backbone] loras`).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<String>,
+}
+
+/// Merges `--lora` files into a loaded backbone.
+pub fn merge_loras(backbone: &dyn Backbone, loras: &[String]) -> anyhow::Result<()> {
+    let refs = loras
+        .iter()
+        .map(|s| softalign_core::adapter::lora::merge::LoraRef::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    softalign_core::adapter::lora::merge::merge_all(backbone, &refs, Path::new("."))
+        .context("merging --lora")
 }
 
 pub struct Model {
@@ -120,7 +135,7 @@ pub fn model_dir(dir: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> 
 
 /// Builds a backbone spec `{type, path}` for a model folder; plugins that read folders take a
 /// `path` field.
-fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> {
+pub fn folder_spec(kind: &str, dir: &Path) -> anyhow::Result<Box<dyn BackboneSpec>> {
     let json = serde_json::json!({ "type": kind, "path": dir });
     serde_json::from_value(json)
         .with_context(|| format!("backbone `{kind}` cannot be built from a folder path"))
@@ -166,6 +181,7 @@ impl Model {
             }
             _ => bail!("give a model: --model DIR or --recipe FILE"),
         };
+        merge_loras(backbone.as_ref(), &a.loras)?;
         let mut adapters = Vec::new();
         let mut selection = None;
         if let Some(path) = &a.adapter {

@@ -62,6 +62,7 @@ pub fn toy_info() -> BackboneInfo {
                 },
             })
             .collect(),
+        linear_sites: Vec::new(),
         conditioning: vec!["encoder_hidden_states".into(), "pooled_projections".into()],
     }
 }

@@ -48,12 +48,34 @@ impl TextEncoderOutput {
     }
 }
 
+/// Every Linear layer of a transformers CLIP text model (`CLIPTextModel`, or
+/// `CLIPTextModelWithProjection` when `with_projection`), by module path with (in, out).
+pub fn linear_shapes(
+    cfg: &ClipTextConfig,
+    with_projection: bool,
+) -> softalign_core::linear_site::LinearShapes {
+    let d = cfg.hidden_size;
+    let mut v = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("{TOWER_PREFIX}.encoder.layers.{l}");
+        for a in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            v.push((format!("{p}.self_attn.{a}"), d, d));
+        }
+        v.push((format!("{p}.mlp.fc1"), d, cfg.intermediate_size));
+        v.push((format!("{p}.mlp.fc2"), cfg.intermediate_size, d));
+    }
+    if let (true, Some(p)) = (with_projection, cfg.projection_dim) {
+        v.push(("text_projection".to_string(), d, p));
+    }
+    v
+}
+
 /// A CLIP text encoder: the tower, and `text_projection` when the checkpoint has one.
 pub struct TextEncoder {
     vs: nn::VarStore,
     config: ClipTextConfig,
     transformer: ClipTextTransformer,
-    text_projection: Option<nn::Linear>,
+    text_projection: Option<crate::linear::SiteLinear>,
     /// Whether the variable names start with `text_model.`.
     prefixed: bool,
 }

@@ -32,13 +32,13 @@ pub(crate) fn linear(
     bias: bool,
     std: f64,
     init: InitMode,
-) -> nn::Linear {
+) -> crate::linear::SiteLinear {
     let cfg = nn::LinearConfig {
         ws_init: init.normal(std),
         bs_init: bias.then_some(nn::Init::Const(0.0)),
         bias,
     };
-    nn::linear(p, d_in, d_out, cfg)
+    crate::linear::linear(p, d_in, d_out, cfg)
 }
 
 fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
@@ -96,10 +96,10 @@ impl ClipTextEmbeddings {
 /// `CLIPAttention` (bias on all four projections, scale head_dim^-0.5).
 #[derive(Debug)]
 pub struct ClipAttention {
-    pub q_proj: nn::Linear,
-    pub k_proj: nn::Linear,
-    pub v_proj: nn::Linear,
-    pub out_proj: nn::Linear,
+    pub q_proj: crate::linear::SiteLinear,
+    pub k_proj: crate::linear::SiteLinear,
+    pub v_proj: crate::linear::SiteLinear,
+    pub out_proj: crate::linear::SiteLinear,
     heads: i64,
     head_dim: i64,
 }
@@ -157,8 +157,8 @@ fn activate(act: Activation, xs: &Tensor) -> Tensor {
 /// `CLIPMLP`: fc1 -> activation -> fc2.
 #[derive(Debug)]
 pub struct ClipMlp {
-    pub fc1: nn::Linear,
-    pub fc2: nn::Linear,
+    pub fc1: crate::linear::SiteLinear,
+    pub fc2: crate::linear::SiteLinear,
     act: Activation,
 }
 

@@ -8,6 +8,8 @@ use softalign_core::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::folder::{model_digest, tokenizer_digest, tokenizer_max_length, PipelineFolder};
+use softalign_core::adapter::lora::merge::WeightTarget;
+
 use crate::clip::{ClipTokenizer, TextEncoder};
 use crate::t5::{T5Encoder, T5Tokenizer};
 
@@ -73,6 +75,47 @@ pub enum TextConditioner {
         t5_length: usize,
         joint_attention_dim: i64,
     },
+}
+
+impl TextConditioner {
+    /// The text encoders' weights by pipeline component name, for LoRA files.
+    pub fn weight_targets(&self) -> Vec<WeightTarget<'_>> {
+        fn t<'a>(c: &str, vs: &'a tch::nn::VarStore) -> WeightTarget<'a> {
+            WeightTarget {
+                component: c.to_string(),
+                vs,
+                prefix: String::new(),
+            }
+        }
+        match self {
+            Self::Sd15 { clip } => vec![t("text_encoder", clip.encoder.vs())],
+            Self::Sdxl { clips } => {
+                // The refiner has only the second tower.
+                let names: &[&str] = if clips.len() == 1 {
+                    &["text_encoder_2"]
+                } else {
+                    &["text_encoder", "text_encoder_2"]
+                };
+                clips
+                    .iter()
+                    .zip(names)
+                    .map(|(c, n)| t(n, c.encoder.vs()))
+                    .collect()
+            }
+            Self::Sd3 {
+                clip_l, clip_g, t5, ..
+            } => {
+                let mut v = vec![
+                    t("text_encoder", clip_l.encoder.vs()),
+                    t("text_encoder_2", clip_g.encoder.vs()),
+                ];
+                if let Some(t5) = t5 {
+                    v.push(t("text_encoder_3", t5.encoder.vs()));
+                }
+                v
+            }
+        }
+    }
 }
 
 /// The dtype T5 runs in: the pipeline's, except fp16, whose range T5's activations overflow

@@ -5,18 +5,18 @@ use tch::Tensor;
 
 use super::normalization::RmsNorm;
 
-fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
-    nn::linear(p, i, o, Default::default())
+fn linear(p: nn::Path, i: i64, o: i64) -> crate::linear::SiteLinear {
+    crate::linear::linear(p, i, o, Default::default())
 }
 
 /// The context side of a joint attention (`added_kv_proj_dim = dim`).
 #[derive(Debug)]
 struct Added {
-    add_q_proj: nn::Linear,
-    add_k_proj: nn::Linear,
-    add_v_proj: nn::Linear,
+    add_q_proj: crate::linear::SiteLinear,
+    add_k_proj: crate::linear::SiteLinear,
+    add_v_proj: crate::linear::SiteLinear,
     /// Absent in the last block (`context_pre_only`): its context output is discarded.
-    to_add_out: Option<nn::Linear>,
+    to_add_out: Option<crate::linear::SiteLinear>,
     norm_added_q: Option<RmsNorm>,
     norm_added_k: Option<RmsNorm>,
 }
@@ -25,10 +25,10 @@ struct Added {
 pub struct Attention {
     heads: i64,
     head_dim: i64,
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: crate::linear::SiteLinear,
+    to_k: crate::linear::SiteLinear,
+    to_v: crate::linear::SiteLinear,
+    to_out: crate::linear::SiteLinear,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
     added: Option<Added>,
@@ -134,8 +134,8 @@ impl Attention {
 /// `net.2`.
 #[derive(Debug)]
 pub struct FeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: crate::linear::SiteLinear,
+    out: crate::linear::SiteLinear,
 }
 
 impl FeedForward {

@@ -101,6 +101,13 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
             100,
             false,
         )?,
+        lora: Some(crate::bench::bench_lora(
+            &bb,
+            Some(SiteSelector::One(format!(
+                "transformer_blocks[0..{}]",
+                cfg.token_blocks
+            ))),
+        )?),
         warmup: cfg.warmup,
         iters: cfg.iters,
     };

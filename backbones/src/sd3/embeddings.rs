@@ -134,15 +134,15 @@ impl PatchEmbed {
 /// `PixArtAlphaTextProjection(pooled, dim, act_fn="silu")` share this shape.
 #[derive(Debug)]
 pub struct Mlp {
-    linear_1: nn::Linear,
-    linear_2: nn::Linear,
+    linear_1: crate::linear::SiteLinear,
+    linear_2: crate::linear::SiteLinear,
 }
 
 impl Mlp {
     pub fn new(p: nn::Path, i: i64, hidden: i64) -> Self {
         Self {
-            linear_1: nn::linear(&p / "linear_1", i, hidden, Default::default()),
-            linear_2: nn::linear(&p / "linear_2", hidden, hidden, Default::default()),
+            linear_1: crate::linear::linear(&p / "linear_1", i, hidden, Default::default()),
+            linear_2: crate::linear::linear(&p / "linear_2", hidden, hidden, Default::default()),
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {

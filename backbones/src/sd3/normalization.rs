@@ -8,8 +8,8 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Tensor {
     x.layer_norm([d], None::<Tensor>, None::<Tensor>, eps, false)
 }
 
-fn linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
-    nn::linear(p, i, o, Default::default())
+fn linear(p: nn::Path, i: i64, o: i64) -> crate::linear::SiteLinear {
+    crate::linear::linear(p, i, o, Default::default())
 }
 
 /// `RMSNorm(dim, eps)` with a weight (the qk-norm of SD3.5).
@@ -58,7 +58,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
 /// `AdaLayerNormZero(dim)`: `linear` maps the conditioning to 6 * dim.
 #[derive(Debug)]
 pub struct AdaLayerNormZero {
-    linear: nn::Linear,
+    linear: crate::linear::SiteLinear,
 }
 
 impl AdaLayerNormZero {
@@ -83,7 +83,7 @@ impl AdaLayerNormZero {
 /// normalised input for the dual attention (`attn2`) and its gate.
 #[derive(Debug)]
 pub struct Sd35AdaLayerNormZeroX {
-    linear: nn::Linear,
+    linear: crate::linear::SiteLinear,
 }
 
 impl Sd35AdaLayerNormZeroX {
@@ -112,7 +112,7 @@ impl Sd35AdaLayerNormZeroX {
 /// then shift.
 #[derive(Debug)]
 pub struct AdaLayerNormContinuous {
-    linear: nn::Linear,
+    linear: crate::linear::SiteLinear,
     eps: f64,
 }
 

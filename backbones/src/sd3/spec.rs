@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use softalign_core::adapter::lora::merge::WeightTarget;
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
@@ -77,6 +78,10 @@ pub struct Sd3Spec {
     /// reference used 512).
     #[serde(default = "default_t5_length")]
     pub t5_max_length: usize,
+    /// LoRA files merged into the weights at load, in order (any dialect):
+    /// `loras = [{ path = "style.safetensors", scale = 0.8 }]`.
+    #[serde(default)]
+    pub loras: Vec<softalign_core::adapter::lora::merge::LoraRef>,
 }
 
 impl Sd3Spec {
@@ -93,6 +98,7 @@ impl Sd3Spec {
             text_encoders: true,
             vae: true,
             t5_max_length: default_t5_length(),
+            loras: Vec::new(),
         }
     }
 
@@ -252,6 +258,7 @@ impl BackboneSpec for Sd3Spec {
             }
             None => Sd3Backbone::random(&cfg, ctx.device, dtype, noise)?,
         };
+        softalign_core::adapter::lora::merge::merge_all(&b, &self.loras, &ctx.recipe_dir)?;
         Ok(Box::new(b))
     }
 }
@@ -285,6 +292,11 @@ pub fn info(cfg: &Sd3Config) -> BackboneInfo {
         kind: KIND.into(),
         prediction: Prediction::Velocity,
         sites: sites(cfg),
+        linear_sites: softalign_core::linear_site::sites_of(
+            "transformer",
+            "",
+            &super::transformer::linear_shapes(cfg),
+        ),
         conditioning: CONDITIONING.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -372,14 +384,17 @@ impl Backbone for Sd3Backbone {
         cond: &Conditioning,
         hook: Option<&dyn SiteHook>,
     ) -> Result<Tensor> {
-        let pooled = cond.get(CONDITIONING[1])?;
-        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
-        // A compact encoding cache holds the context after the frozen context_embedder.
-        if let Some(ctx) = cond.0.get(CONTEXT_EMBEDS) {
-            return self.model.forward_embedded(x_t, t, ctx, pooled, hook);
-        }
-        let ehs = cond.get(CONDITIONING[0])?;
-        self.model.forward(x_t, t, ehs, pooled, hook)
+        // Linear layers inside ask `hook` for their deltas (LoRA) through this scope.
+        softalign_core::linear_site::with_hook(hook, || {
+            let pooled = cond.get(CONDITIONING[1])?;
+            let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+            // A compact encoding cache holds the context after the frozen context_embedder.
+            if let Some(ctx) = cond.0.get(CONTEXT_EMBEDS) {
+                return self.model.forward_embedded(x_t, t, ctx, pooled, hook);
+            }
+            let ehs = cond.get(CONDITIONING[0])?;
+            self.model.forward(x_t, t, ehs, pooled, hook)
+        })
     }
 
     /// The joint space is after the transformer's context_embedder (where the released SD3
@@ -420,6 +435,18 @@ impl Backbone for Sd3Backbone {
     }
 
     crate::pipeline::delegate_to_pipeline!();
+
+    fn weight_targets(&self) -> Vec<WeightTarget<'_>> {
+        let mut v = vec![WeightTarget {
+            component: "transformer".into(),
+            vs: &self.vs,
+            prefix: String::new(),
+        }];
+        if let Some(text) = self.pipeline.as_ref().and_then(|p| p.text.as_ref()) {
+            v.extend(text.weight_targets());
+        }
+        v
+    }
 
     /// The transformer's `sample_size` (latent side of the released resolution).
     fn sample_shape(&self) -> Option<[i64; 3]> {

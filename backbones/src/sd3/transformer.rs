@@ -3,6 +3,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use softalign_core::linear_site::LinearShapes;
 use softalign_core::site::{Placement, SiteHook, SiteInfo, SiteKind, TokenSpace};
 use softalign_core::{Error, Result};
 
@@ -31,15 +32,81 @@ pub fn sites(cfg: &Sd3Config) -> Vec<SiteInfo> {
         .collect()
 }
 
+/// Every Linear layer of the transformer built from `cfg`, by module path, with (in, out),
+/// in the order `new` builds them (tests check the two agree).
+pub fn linear_shapes(cfg: &Sd3Config) -> LinearShapes {
+    let dim = cfg.inner_dim();
+    let inner = cfg.num_attention_heads * cfg.attention_head_dim;
+    let mut v: LinearShapes = Vec::new();
+    let mut add = |p: String, i: i64, o: i64| v.push((p, i, o));
+    let dual: std::collections::BTreeSet<i64> = cfg.dual_attention_layers.iter().copied().collect();
+    for b in 0..cfg.num_layers {
+        let p = format!("transformer_blocks.{b}");
+        let pre_only = b == cfg.num_layers - 1;
+        let d = dual.contains(&b);
+        add(
+            format!("{p}.norm1.linear"),
+            dim,
+            if d { 9 } else { 6 } * dim,
+        );
+        if pre_only {
+            add(format!("{p}.norm1_context.linear"), dim, 2 * dim);
+        } else {
+            add(format!("{p}.norm1_context.linear"), dim, 6 * dim);
+            add(format!("{p}.ff_context.net.0.proj"), dim, 4 * dim);
+            add(format!("{p}.ff_context.net.2"), 4 * dim, dim);
+        }
+        for a in ["add_q_proj", "add_k_proj", "add_v_proj"] {
+            add(format!("{p}.attn.{a}"), dim, inner);
+        }
+        if !pre_only {
+            add(format!("{p}.attn.to_add_out"), inner, dim);
+        }
+        let attn = |add: &mut dyn FnMut(String, i64, i64), name: &str| {
+            for a in ["to_q", "to_k", "to_v"] {
+                add(format!("{p}.{name}.{a}"), dim, inner);
+            }
+            add(format!("{p}.{name}.to_out.0"), inner, dim);
+        };
+        attn(&mut add, "attn");
+        if d {
+            attn(&mut add, "attn2");
+        }
+        add(format!("{p}.ff.net.0.proj"), dim, 4 * dim);
+        add(format!("{p}.ff.net.2"), 4 * dim, dim);
+    }
+    let t = "time_text_embed";
+    add(format!("{t}.timestep_embedder.linear_1"), 256, dim);
+    add(format!("{t}.timestep_embedder.linear_2"), dim, dim);
+    add(
+        format!("{t}.text_embedder.linear_1"),
+        cfg.pooled_projection_dim,
+        dim,
+    );
+    add(format!("{t}.text_embedder.linear_2"), dim, dim);
+    add(
+        "context_embedder".into(),
+        cfg.joint_attention_dim,
+        cfg.caption_projection_dim,
+    );
+    add("norm_out.linear".into(), dim, 2 * dim);
+    add(
+        "proj_out".into(),
+        dim,
+        cfg.patch_size * cfg.patch_size * cfg.out_channels(),
+    );
+    v
+}
+
 #[derive(Debug)]
 pub struct Sd3Transformer2DModel {
     config: Sd3Config,
     pos_embed: PatchEmbed,
     time_text_embed: CombinedTimestepTextProjEmbeddings,
-    context_embedder: nn::Linear,
+    context_embedder: crate::linear::SiteLinear,
     transformer_blocks: Vec<JointTransformerBlock>,
     norm_out: AdaLayerNormContinuous,
-    proj_out: nn::Linear,
+    proj_out: crate::linear::SiteLinear,
 }
 
 fn check_shape(name: &str, t: &Tensor, want: &[Option<i64>]) -> Result<()> {
@@ -96,7 +163,7 @@ impl Sd3Transformer2DModel {
                 dim,
                 cfg.pooled_projection_dim,
             ),
-            context_embedder: nn::linear(
+            context_embedder: crate::linear::linear(
                 &p / "context_embedder",
                 cfg.joint_attention_dim,
                 cfg.caption_projection_dim,
@@ -104,7 +171,7 @@ impl Sd3Transformer2DModel {
             ),
             transformer_blocks,
             norm_out: AdaLayerNormContinuous::new(&p / "norm_out", dim, dim, 1e-6),
-            proj_out: nn::linear(
+            proj_out: crate::linear::linear(
                 &p / "proj_out",
                 dim,
                 cfg.patch_size * cfg.patch_size * cfg.out_channels(),

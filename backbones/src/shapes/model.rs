@@ -11,12 +11,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use softalign_core::adapter::lora::merge::WeightTarget;
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::site::SiteHook;
 use softalign_core::tensors::{save_safetensors, write_atomic};
 use softalign_core::{Error, Result};
-use tch::nn::{self, Module, VarStore};
+use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use super::config::{unet_betas, Denoiser, ShapesConfig, PIXEL_SHIFT_KEY, TRANSFORMER, UNET};
@@ -47,10 +48,31 @@ pub fn info(cfg: &ShapesConfig) -> Result<BackboneInfo> {
         Denoiser::Transformer(t) => crate::sd3::transformer::sites(t),
         Denoiser::Unet(u) => crate::unet::unet_2d_condition::sites(u)?,
     };
+    use softalign_core::linear_site::sites_of;
+    // The denoiser first (a LoRA's default component), then the text tower, which runs
+    // inside this backbone's forward and so can carry LoRA too.
+    let mut linear_sites = match &cfg.denoiser {
+        Denoiser::Transformer(t) => sites_of(
+            TRANSFORMER,
+            &format!("{TRANSFORMER}."),
+            &crate::sd3::transformer::linear_shapes(t),
+        ),
+        Denoiser::Unet(u) => sites_of(
+            UNET,
+            &format!("{UNET}."),
+            &crate::unet::unet_2d_condition::linear_shapes(u)?,
+        ),
+    };
+    linear_sites.extend(sites_of(
+        TEXT_ENCODER,
+        &format!("{TEXT_ENCODER}."),
+        &crate::clip::linear_shapes(&cfg.text_encoder, true),
+    ));
     Ok(BackboneInfo {
         kind: KIND.into(),
         prediction: prediction(cfg),
         sites,
+        linear_sites,
         conditioning: vec![INPUT_IDS.to_string()],
     })
 }
@@ -96,7 +118,7 @@ pub struct ShapesBackbone {
     config: ShapesConfig,
     vs: VarStore,
     text: ClipTextTransformer,
-    text_projection: Option<nn::Linear>,
+    text_projection: Option<crate::linear::SiteLinear>,
     denoiser: DenoiserModel,
     tokenizer: ClipTokenizer,
     noise: ShapesNoise,
@@ -441,21 +463,45 @@ impl Backbone for ShapesBackbone {
         cond: &Conditioning,
         hook: Option<&dyn SiteHook>,
     ) -> Result<Tensor> {
-        let (ehs, pooled) = self.encode_ids(cond.get(INPUT_IDS)?)?;
-        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
-        match &self.denoiser {
-            DenoiserModel::Transformer(tr) => {
-                let pooled = pooled.ok_or_else(|| {
-                    Error::invalid("the shapes MMDiT needs the text tower's projection")
-                })?;
-                tr.forward(x_t, t, &ehs, &pooled, hook)
+        // Linear layers inside ask `hook` for their deltas (LoRA) through this scope.
+        softalign_core::linear_site::with_hook(hook, || {
+            let (ehs, pooled) = self.encode_ids(cond.get(INPUT_IDS)?)?;
+            let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+            match &self.denoiser {
+                DenoiserModel::Transformer(tr) => {
+                    let pooled = pooled.ok_or_else(|| {
+                        Error::invalid("the shapes MMDiT needs the text tower's projection")
+                    })?;
+                    tr.forward(x_t, t, &ehs, &pooled, hook)
+                }
+                DenoiserModel::Unet(u) => u.forward(x_t, t, &ehs, None, hook),
             }
-            DenoiserModel::Unet(u) => u.forward(x_t, t, &ehs, None, hook),
-        }
+        })
     }
 
     fn var_store(&self) -> &VarStore {
         &self.vs
+    }
+
+    /// One var store, the components under their folder names.
+    fn weight_targets(&self) -> Vec<WeightTarget<'_>> {
+        let denoiser = match self.denoiser {
+            DenoiserModel::Transformer(_) => TRANSFORMER,
+            DenoiserModel::Unet(_) => UNET,
+        };
+        [denoiser, TEXT_ENCODER]
+            .iter()
+            .map(|c| WeightTarget {
+                component: c.to_string(),
+                vs: &self.vs,
+                prefix: format!("{c}."),
+            })
+            .collect()
+    }
+
+    fn unet_layers_per_block(&self) -> Option<i64> {
+        let u = self.unet()?;
+        u.config().resolve().ok()?.layers_per_block.first().copied()
     }
 
     fn var_store_mut(&mut self) -> &mut VarStore {

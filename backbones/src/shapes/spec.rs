@@ -35,6 +35,10 @@ pub struct ShapesSpec {
     /// Shift applied to the drawn sigma (1.0: none).
     #[serde(default = "default_shift")]
     pub timestep_shift: f64,
+    /// LoRA files merged into the weights at load, in order (any dialect):
+    /// `loras = [{ path = "style.safetensors", scale = 0.8 }]`.
+    #[serde(default)]
+    pub loras: Vec<softalign_core::adapter::lora::merge::LoraRef>,
 }
 
 impl ShapesSpec {
@@ -45,6 +49,7 @@ impl ShapesSpec {
             dtype: None,
             timesteps: TimestepSampling::default(),
             timestep_shift: 1.0,
+            loras: Vec::new(),
         }
     }
 
@@ -132,6 +137,7 @@ impl BackboneSpec for ShapesSpec {
             Some(dir) => ShapesBackbone::load(&dir, ctx.device, dtype, noise)?,
             None => ShapesBackbone::random(&cfg, ctx.device, dtype, noise)?,
         };
+        softalign_core::adapter::lora::merge::merge_all(&b, &self.loras, &ctx.recipe_dir)?;
         Ok(Box::new(b))
     }
 }

@@ -16,8 +16,14 @@ fn init_normal(init: InitMode, stdev: f64) -> nn::Init {
     }
 }
 
-fn linear(p: nn::Path, d_in: i64, d_out: i64, std: f64, init: InitMode) -> nn::Linear {
-    nn::linear(
+fn linear(
+    p: nn::Path,
+    d_in: i64,
+    d_out: i64,
+    std: f64,
+    init: InitMode,
+) -> crate::linear::SiteLinear {
+    crate::linear::linear(
         p,
         d_in,
         d_out,
@@ -81,10 +87,10 @@ pub fn relative_position_bucket(relative: &Tensor, num_buckets: i64, max_distanc
 /// `T5Attention` for self-attention: no biases, no 1/sqrt(d) scaling (folded into the weights).
 #[derive(Debug)]
 pub struct T5Attention {
-    pub q: nn::Linear,
-    pub k: nn::Linear,
-    pub v: nn::Linear,
-    pub o: nn::Linear,
+    pub q: crate::linear::SiteLinear,
+    pub k: crate::linear::SiteLinear,
+    pub v: crate::linear::SiteLinear,
+    pub o: crate::linear::SiteLinear,
     /// Only in block 0: [num_buckets, num_heads].
     pub relative_attention_bias: Option<nn::Embedding>,
     heads: i64,
@@ -163,14 +169,14 @@ impl T5Attention {
 #[derive(Debug)]
 pub enum T5Dense {
     Gated {
-        wi_0: nn::Linear,
-        wi_1: nn::Linear,
-        wo: nn::Linear,
+        wi_0: crate::linear::SiteLinear,
+        wi_1: crate::linear::SiteLinear,
+        wo: crate::linear::SiteLinear,
         act: T5Activation,
     },
     Plain {
-        wi: nn::Linear,
-        wo: nn::Linear,
+        wi: crate::linear::SiteLinear,
+        wo: crate::linear::SiteLinear,
         act: T5Activation,
     },
 }

@@ -4,8 +4,8 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(
+fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> crate::linear::SiteLinear {
+    crate::linear::linear(
         p,
         i,
         o,
@@ -21,10 +21,10 @@ fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
 pub struct Attention {
     heads: i64,
     head_dim: i64,
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: crate::linear::SiteLinear,
+    to_k: crate::linear::SiteLinear,
+    to_v: crate::linear::SiteLinear,
+    to_out: crate::linear::SiteLinear,
 }
 
 impl Attention {
@@ -74,8 +74,8 @@ impl Attention {
 /// (exact GELU), `net.2` back to dim.
 #[derive(Debug)]
 pub struct FeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: crate::linear::SiteLinear,
+    out: crate::linear::SiteLinear,
 }
 
 impl FeedForward {

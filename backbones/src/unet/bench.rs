@@ -94,6 +94,7 @@ pub fn run(cfg: &BenchConfig, mut report: impl FnMut(&BenchRow)) -> Result<Vec<B
             0,
             true,
         )?,
+        lora: Some(crate::bench::bench_lora(&bb, None)?),
         warmup: cfg.warmup,
         iters: cfg.iters,
     };

@@ -22,15 +22,15 @@ impl Timesteps {
 /// `TimestepEmbedding(in_channels, time_embed_dim)` with SiLU and no post activation.
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: nn::Linear,
-    linear_2: nn::Linear,
+    linear_1: crate::linear::SiteLinear,
+    linear_2: crate::linear::SiteLinear,
 }
 
 impl TimestepEmbedding {
     pub fn new(p: nn::Path, in_channels: i64, dim: i64) -> Self {
         Self {
-            linear_1: nn::linear(&p / "linear_1", in_channels, dim, Default::default()),
-            linear_2: nn::linear(&p / "linear_2", dim, dim, Default::default()),
+            linear_1: crate::linear::linear(&p / "linear_1", in_channels, dim, Default::default()),
+            linear_2: crate::linear::linear(&p / "linear_2", dim, dim, Default::default()),
         }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {

@@ -34,7 +34,7 @@ pub struct ResnetConfig {
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
     conv1: nn::Conv2D,
-    time_emb_proj: nn::Linear,
+    time_emb_proj: crate::linear::SiteLinear,
     norm2: nn::GroupNorm,
     conv2: nn::Conv2D,
     /// Present when the block changes the channel count (`use_in_shortcut`).
@@ -48,7 +48,12 @@ impl ResnetBlock2D {
         Self {
             norm1: group_norm(&p / "norm1", c.groups, i, c.eps),
             conv1: conv(&p / "conv1", i, o, 3, 1, 1),
-            time_emb_proj: nn::linear(&p / "time_emb_proj", c.temb_channels, o, Default::default()),
+            time_emb_proj: crate::linear::linear(
+                &p / "time_emb_proj",
+                c.temb_channels,
+                o,
+                Default::default(),
+            ),
             norm2: group_norm(&p / "norm2", c.groups, o, c.eps),
             conv2: conv(&p / "conv2", o, o, 3, 1, 1),
             conv_shortcut: (i != o).then(|| conv(&p / "conv_shortcut", i, o, 1, 1, 0)),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use softalign_core::adapter::lora::merge::WeightTarget;
 use softalign_core::backbone::{Backbone, BackboneInfo, Conditioning, NoiseProcess, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
@@ -65,6 +66,10 @@ pub struct UNetSpec {
     /// With a pipeline folder: load its VAE (false: training from an encoding cache).
     #[serde(default = "yes")]
     pub vae: bool,
+    /// LoRA files merged into the weights at load, in order (any dialect):
+    /// `loras = [{ path = "style.safetensors", scale = 0.8 }]`.
+    #[serde(default)]
+    pub loras: Vec<softalign_core::adapter::lora::merge::LoraRef>,
 }
 
 fn yes() -> bool {
@@ -128,6 +133,7 @@ impl UNetSpec {
             allow_unused: Vec::new(),
             text_encoders: true,
             vae: true,
+            loras: Vec::new(),
         }
     }
 
@@ -314,6 +320,7 @@ impl BackboneSpec for UNetSpec {
                 )?);
             }
         }
+        softalign_core::adapter::lora::merge::merge_all(&b, &self.loras, &ctx.recipe_dir)?;
         Ok(Box::new(b))
     }
 }
@@ -332,6 +339,11 @@ pub fn info(cfg: &UNetConfig, prediction: Prediction) -> Result<BackboneInfo> {
         kind: KIND.into(),
         prediction,
         sites: sites(cfg)?,
+        linear_sites: softalign_core::linear_site::sites_of(
+            "unet",
+            "",
+            &super::unet_2d_condition::linear_shapes(cfg)?,
+        ),
         conditioning: conditioning(cfg),
     })
 }
@@ -435,31 +447,34 @@ impl Backbone for UNetBackbone {
         cond: &Conditioning,
         hook: Option<&dyn SiteHook>,
     ) -> Result<Tensor> {
-        let ehs = cond.get(ENCODER_HIDDEN_STATES)?;
-        // Conditioning from a pipeline leaves the time ids out (they depend on the image
-        // size, not the prompt): built from the sample's size, as diffusers does by default.
-        let made;
-        let text_time = if self.config().has_text_time() {
-            let time_ids = match cond.0.get(TIME_IDS) {
-                Some(t) => t,
-                None if self.pipeline.is_some() => {
-                    let s = x_t.size();
-                    let f = self.vae_scale_factor();
-                    made = sdxl_time_ids(s[0], s[2] * f, s[3] * f, x_t.device())
-                        .to_kind(cond.get(TEXT_EMBEDS)?.kind());
-                    &made
-                }
-                None => cond.get(TIME_IDS)?,
+        // Linear layers inside ask `hook` for their deltas (LoRA) through this scope.
+        softalign_core::linear_site::with_hook(hook, || {
+            let ehs = cond.get(ENCODER_HIDDEN_STATES)?;
+            // Conditioning from a pipeline leaves the time ids out (they depend on the image
+            // size, not the prompt): built from the sample's size, as diffusers does by default.
+            let made;
+            let text_time = if self.config().has_text_time() {
+                let time_ids = match cond.0.get(TIME_IDS) {
+                    Some(t) => t,
+                    None if self.pipeline.is_some() => {
+                        let s = x_t.size();
+                        let f = self.vae_scale_factor();
+                        made = sdxl_time_ids(s[0], s[2] * f, s[3] * f, x_t.device())
+                            .to_kind(cond.get(TEXT_EMBEDS)?.kind());
+                        &made
+                    }
+                    None => cond.get(TIME_IDS)?,
+                };
+                Some(TextTime {
+                    text_embeds: cond.get(TEXT_EMBEDS)?,
+                    time_ids,
+                })
+            } else {
+                None
             };
-            Some(TextTime {
-                text_embeds: cond.get(TEXT_EMBEDS)?,
-                time_ids,
-            })
-        } else {
-            None
-        };
-        let hook = hook.map(|h| (h, self.info.sites.as_slice()));
-        self.model.forward(x_t, t, ehs, text_time, hook)
+            let hook = hook.map(|h| (h, self.info.sites.as_slice()));
+            self.model.forward(x_t, t, ehs, text_time, hook)
+        })
     }
 
     fn var_store(&self) -> &VarStore {
@@ -476,6 +491,23 @@ impl Backbone for UNetBackbone {
     }
 
     crate::pipeline::delegate_to_pipeline!();
+
+    fn weight_targets(&self) -> Vec<WeightTarget<'_>> {
+        let mut v = vec![WeightTarget {
+            component: "unet".into(),
+            vs: &self.vs,
+            prefix: String::new(),
+        }];
+        if let Some(text) = self.pipeline.as_ref().and_then(|p| p.text.as_ref()) {
+            v.extend(text.weight_targets());
+        }
+        v
+    }
+
+    fn unet_layers_per_block(&self) -> Option<i64> {
+        let r = self.config().resolve().ok()?;
+        r.layers_per_block.first().copied()
+    }
 
     /// The native sample times the pipeline VAE's scale factor.
     fn native_image_size(&self) -> Option<(i64, i64)> {

@@ -10,13 +10,13 @@ use super::resnet::group_norm;
 #[derive(Debug)]
 enum Proj {
     Conv(nn::Conv2D),
-    Linear(nn::Linear),
+    Linear(crate::linear::SiteLinear),
 }
 
 impl Proj {
     fn new(p: nn::Path, i: i64, o: i64, linear: bool) -> Self {
         if linear {
-            Proj::Linear(nn::linear(p, i, o, Default::default()))
+            Proj::Linear(crate::linear::linear(p, i, o, Default::default()))
         } else {
             Proj::Conv(nn::conv2d(p, i, o, 1, Default::default()))
         }

@@ -3,6 +3,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use softalign_core::linear_site::LinearShapes;
 use softalign_core::site::{Placement, SiteHook, SiteInfo, SiteKind, TokenSpace};
 use softalign_core::{Error, Result};
 
@@ -36,6 +37,83 @@ pub fn sites(cfg: &UNetConfig) -> Result<Vec<SiteInfo>> {
             },
         })
         .collect())
+}
+
+/// Every Linear layer of the UNet built from `cfg`, by module path, with (in, out), walking
+/// the blocks as `new` builds them (tests check the two agree). Convolutions are not linear
+/// sites (LoRA files may still name them; merging finds them in the weights).
+pub fn linear_shapes(cfg: &UNetConfig) -> Result<LinearShapes> {
+    let r = cfg.resolve()?;
+    let ch = &cfg.block_out_channels;
+    let n = ch.len();
+    let mut v: LinearShapes = Vec::new();
+    let temb = r.time_embed_dim;
+    let resnet = |v: &mut LinearShapes, p: String, o: i64| {
+        v.push((format!("{p}.time_emb_proj"), temb, o));
+    };
+    let transformer = |v: &mut LinearShapes, p: String, heads: i64, layers: i64, c: i64| {
+        // head_dim = c / heads, inner = heads * head_dim
+        let inner = heads * (c / heads);
+        let cross = r.cross_attention_dim;
+        if cfg.use_linear_projection {
+            v.push((format!("{p}.proj_in"), c, inner));
+        }
+        for k in 0..layers {
+            let b = format!("{p}.transformer_blocks.{k}");
+            for (a, kv_in) in [("attn1", inner), ("attn2", cross)] {
+                v.push((format!("{b}.{a}.to_q"), inner, inner));
+                v.push((format!("{b}.{a}.to_k"), kv_in, inner));
+                v.push((format!("{b}.{a}.to_v"), kv_in, inner));
+                v.push((format!("{b}.{a}.to_out.0"), inner, inner));
+            }
+            v.push((format!("{b}.ff.net.0.proj"), inner, 8 * inner));
+            v.push((format!("{b}.ff.net.2"), 4 * inner, inner));
+        }
+        if cfg.use_linear_projection {
+            v.push((format!("{p}.proj_out"), inner, c));
+        }
+    };
+    for (i, t) in cfg.down_block_types.iter().enumerate() {
+        for l in 0..r.layers_per_block[i] {
+            resnet(&mut v, format!("down_blocks.{i}.resnets.{l}"), ch[i]);
+            if t == CROSS_ATTN_DOWN {
+                let p = format!("down_blocks.{i}.attentions.{l}");
+                transformer(
+                    &mut v,
+                    p,
+                    r.heads[i],
+                    r.transformer_layers_per_block[i],
+                    ch[i],
+                );
+            }
+        }
+    }
+    if cfg.mid_block_type.is_some() {
+        let c = ch[n - 1];
+        resnet(&mut v, "mid_block.resnets.0".into(), c);
+        resnet(&mut v, "mid_block.resnets.1".into(), c);
+        let (h, l) = (r.heads[n - 1], r.transformer_layers_per_block[n - 1]);
+        transformer(&mut v, "mid_block.attentions.0".into(), h, l, c);
+    }
+    for (i, t) in cfg.up_block_types.iter().enumerate() {
+        let k = n - 1 - i;
+        let c = ch[k];
+        for l in 0..r.layers_per_block[k] + 1 {
+            resnet(&mut v, format!("up_blocks.{i}.resnets.{l}"), c);
+            if t == CROSS_ATTN_UP {
+                let p = format!("up_blocks.{i}.attentions.{l}");
+                transformer(&mut v, p, r.heads[k], r.transformer_layers_per_block[k], c);
+            }
+        }
+    }
+    if cfg.has_text_time() {
+        let i = cfg.projection_class_embeddings_input_dim.unwrap_or(0);
+        v.push(("add_embedding.linear_1".into(), i, temb));
+        v.push(("add_embedding.linear_2".into(), temb, temb));
+    }
+    v.push(("time_embedding.linear_1".into(), ch[0], temb));
+    v.push(("time_embedding.linear_2".into(), temb, temb));
+    Ok(v)
 }
 
 /// SDXL's added conditioning (`added_cond_kwargs`).

@@ -1,4 +1,5 @@
 //! Adapters: the small trainable pieces a recipe adds to a frozen backbone.
+pub mod lora;
 pub mod prompt_init;
 pub mod soft_tokens;
 
@@ -53,13 +54,37 @@ pub trait Adapter: Send {
     fn token_sets(&self) -> Vec<String>;
     /// Metadata written into the adapter file (kind, sites, shapes, ...).
     fn metadata(&self) -> BTreeMap<String, String>;
+    /// Tokens for a text-context site (soft tokens); None: the adapter does not act there.
     fn context_tokens(
         &self,
         site: &SiteInfo,
         t: &Tensor,
         batch: i64,
         sel: &TokenSelection,
-    ) -> Result<Option<ContextTokens>>;
+    ) -> Result<Option<ContextTokens>> {
+        let _ = (site, t, batch, sel);
+        Ok(None)
+    }
+    /// Whether the adapter acts at linear sites (`linear_delta` may return something).
+    fn acts_on_linears(&self) -> bool {
+        false
+    }
+    /// What the Linear layer named `site` adds to its output for input `x` (LoRA).
+    fn linear_delta(&self, site: &str, x: &Tensor, sel: &TokenSelection) -> Result<Option<Tensor>> {
+        let _ = (site, x, sel);
+        Ok(None)
+    }
+    /// Parameters per trainable tensor group, for `recipe check` and logs (default: the
+    /// element count of `trainable`).
+    fn parameter_count(&self) -> i64 {
+        self.trainable().iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+    /// Extra files a run's `final/` holds besides the adapter file (LoRA: the diffusers and
+    /// PEFT files), written into `dir`.
+    fn export(&self, dir: &std::path::Path) -> Result<()> {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// The adapters of a run with one token selection: what a backbone forward calls at its sites.
@@ -102,6 +127,24 @@ impl SiteHook for Injection<'_> {
         }
         Ok(found)
     }
+
+    fn has_linear_deltas(&self) -> bool {
+        self.adapters.iter().any(|a| a.acts_on_linears())
+    }
+
+    /// The sum of every adapter's delta at `site` (LoRA and DoRA sets stack additively).
+    fn linear_delta(&self, site: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        let mut sum: Option<Tensor> = None;
+        for a in self.adapters {
+            if let Some(d) = a.linear_delta(site, x, &self.selection)? {
+                sum = Some(match sum {
+                    None => d,
+                    Some(s) => s + d,
+                });
+            }
+        }
+        Ok(sum)
+    }
 }
 
 /// Reads an adapter file of one kind (registered per kind in [`ADAPTER_LOADERS`]).
@@ -121,6 +164,12 @@ pub static ADAPTER_LOADERS: [AdapterLoader];
 static SOFT_TOKENS_LOADER: AdapterLoader = AdapterLoader {
     kind: soft_tokens::KIND,
     load: |p, info, dev| Ok(Box::new(soft_tokens::SoftTokens::load(p, info, dev)?)),
+};
+
+#[linkme::distributed_slice(ADAPTER_LOADERS)]
+static LORA_LOADER: AdapterLoader = AdapterLoader {
+    kind: lora::KIND,
+    load: |p, info, dev| Ok(Box::new(lora::Lora::load(p, info, dev)?)),
 };
 
 /// Writes an adapter's tensors and metadata (its own plus `extra`: step, recipe hash, ...)

@@ -184,6 +184,18 @@ impl AdapterSpec for SoftTokensSpec {
         let layout = self.layout(backbone)?;
         Ok(Box::new(SoftTokens::init(self, layout, ctx)?))
     }
+
+    /// Token blocks per set plus the time table.
+    fn trainable_parameters(&self, backbone: &BackboneInfo) -> Result<Option<i64>> {
+        let l = self.layout(backbone)?;
+        let tokens = l.token_blocks() * l.tokens * l.token_dim * l.sets.len() as i64;
+        let width = if l.shared_time_row {
+            1
+        } else {
+            l.sites.len() as i64
+        } * l.joint_dim;
+        Ok(Some(tokens + l.buckets * width))
+    }
 }
 
 /// Shapes resolved against a backbone.

@@ -108,16 +108,34 @@ fn walk(v: &Value, key: &str, out: &mut Vec<Spec>) -> anyhow::Result<()> {
             walk(state, key, out)?;
         }
         Value::Seq(SequenceType::Dict, items) => {
-            // Dict items are (key, value) pairs or a flat key, value, ... list.
+            // SETITEM adds a (key, value) tuple; SETITEMS a tuple of such tuples (one per
+            // batch of up to 1000 items); a flat key, value, ... list also occurs.
+            let pair = |k: &Value, v: &Value, out: &mut Vec<Spec>| {
+                let k = match k {
+                    Value::String(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                };
+                walk(v, &join(key, &k), out)
+            };
             let mut pending: Option<String> = None;
             for item in items {
                 match item {
-                    Value::Seq(SequenceType::Tuple, kv) if kv.len() == 2 => {
-                        let k = match &kv[0] {
-                            Value::String(s) => s.to_string(),
-                            other => format!("{other:?}"),
-                        };
-                        walk(&kv[1], &join(key, &k), out)?;
+                    Value::Seq(SequenceType::Tuple, kv)
+                        if kv.len() == 2 && matches!(kv[0], Value::String(_)) =>
+                    {
+                        pair(&kv[0], &kv[1], out)?;
+                    }
+                    Value::Seq(SequenceType::Tuple, batch)
+                        if !batch.is_empty()
+                            && batch.iter().all(|b| {
+                                matches!(b, Value::Seq(SequenceType::Tuple, kv) if kv.len() == 2)
+                            }) =>
+                    {
+                        for b in batch {
+                            if let Value::Seq(_, kv) = b {
+                                pair(&kv[0], &kv[1], out)?;
+                            }
+                        }
                     }
                     Value::String(s) if pending.is_none() => pending = Some(s.to_string()),
                     other => {
@@ -148,6 +166,26 @@ fn join(a: &str, b: &str) -> String {
 
 /// Every tensor stored in a PyTorch zip checkpoint, in pickle order, on the CPU.
 pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<Found>> {
+    read_tensors_allowing(path, None)
+}
+
+/// The globals a plain state dict of tensors needs (`torch.save(dict_of_tensors)`).
+pub const STATE_DICT_GLOBALS: &[&str] = &[
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "collections.OrderedDict",
+    "torch.FloatStorage",
+    "torch.DoubleStorage",
+    "torch.HalfStorage",
+    "torch.BFloat16Storage",
+    "torch.LongStorage",
+    "torch.IntStorage",
+];
+
+/// [`read_tensors`], refusing a pickle that names any global outside `allowed`
+/// (`module.name`): such a file would run that code in Python's `torch.load`, and is no
+/// plain tensor file (nothing runs here either way).
+pub fn read_tensors_allowing(path: &Path, allowed: Option<&[&str]>) -> anyhow::Result<Vec<Found>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut zip = zip::ZipArchive::new(file).with_context(|| {
         format!(
@@ -165,6 +203,20 @@ pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<Found>> {
     zip.by_name(&pkl)?.read_to_end(&mut bytes)?;
     let (_, ops) = repugnant_pickle::parse_ops::<nom::error::VerboseError<&[u8]>>(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: unreadable pickle: {e:?}", path.display()))?;
+    if let Some(allowed) = allowed {
+        for op in &ops {
+            if let PickleOp::GLOBAL(module, name) = op {
+                let full = format!("{module}.{name}");
+                if !allowed.contains(&full.as_str()) {
+                    bail!(
+                        "{}: the pickle names the global `{full}`, which torch.load would import \
+                         and may run; refusing it (a LoRA .bin holds only tensors)",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
     let (values, _) = repugnant_pickle::evaluate(&ops, true)
         .with_context(|| format!("{}: evaluating the pickle", path.display()))?;
     let mut specs = Vec::new();
