@@ -129,14 +129,15 @@ fn is_sgm(rest: &str) -> bool {
         || rest == "out_2"
 }
 
+/// One kohya module's tensors as they are found: (lora_down, lora_up, alpha).
+type KohyaParts = (Option<Tensor>, Option<Tensor>, Option<f64>);
+
 pub fn entries(
     file: &Path,
     tensors: BTreeMap<String, Tensor>,
     ctx: &ReadContext,
 ) -> Result<Vec<LoraEntry>> {
-    // name -> (down, up, alpha)
-    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<f64>)> =
-        BTreeMap::new();
+    let mut parts: BTreeMap<String, KohyaParts> = BTreeMap::new();
     for (key, t) in tensors {
         let (name, role) = if let Some(n) = key.strip_suffix(".lora_down.weight") {
             (n, 0)
