@@ -482,7 +482,13 @@ fn bench_runs_every_case() {
         ..BenchConfig::small_cpu()
     };
     let rows = run(&cfg, |_| {}).unwrap();
-    assert_eq!(rows.len(), 4);
+    // none, soft tokens, LoRA unmerged, LoRA merged; each as a sampling and a training step.
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    assert_eq!(
+        rows.iter().filter(|r| r.case.contains("LoRA")).count(),
+        4,
+        "{rows:?}"
+    );
     assert!(rows
         .iter()
         .all(|r| r.ms_per_step > 0.0 && r.pairs_per_s > 0.0));
