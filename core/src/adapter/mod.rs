@@ -200,3 +200,37 @@ pub fn load_adapter(
         .ok_or_else(|| Error::file(path, format!("unknown adapter kind `{kind}`")))?;
     (loader.load)(path, backbone, device)
 }
+
+/// An adapter's `load_state`: copies `tensors` into its state tensors `ours` (fp32, on their
+/// device), requiring exactly the same names and shapes, and naming any that differ.
+pub fn load_named_state(
+    ours: Vec<(String, Tensor)>,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let expected: std::collections::BTreeSet<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
+    let extra: Vec<&str> = tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !expected.contains(k))
+        .collect();
+    if !extra.is_empty() {
+        return Err(Error::invalid(format!(
+            "unexpected tensors: {}",
+            extra.join(", ")
+        )));
+    }
+    let _guard = tch::no_grad_guard();
+    for (name, mut dst) in ours {
+        let src = tensors
+            .get(&name)
+            .ok_or_else(|| Error::tensor(&name, "missing"))?;
+        if src.size() != dst.size() {
+            return Err(Error::tensor(
+                &name,
+                format!("shape {:?}, expected {:?}", src.size(), dst.size()),
+            ));
+        }
+        dst.copy_(&src.to_kind(tch::Kind::Float).to_device(dst.device()));
+    }
+    Ok(())
+}

@@ -502,34 +502,7 @@ impl Adapter for SoftTokens {
     }
 
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        let ours = self.state();
-        let expected: std::collections::BTreeSet<&str> =
-            ours.iter().map(|(n, _)| n.as_str()).collect();
-        let extra: Vec<&str> = tensors
-            .keys()
-            .map(String::as_str)
-            .filter(|k| !expected.contains(k))
-            .collect();
-        if !extra.is_empty() {
-            return Err(Error::invalid(format!(
-                "unexpected tensors: {}",
-                extra.join(", ")
-            )));
-        }
-        let _guard = tch::no_grad_guard();
-        for (name, mut dst) in ours {
-            let src = tensors
-                .get(&name)
-                .ok_or_else(|| Error::tensor(&name, "missing"))?;
-            if src.size() != dst.size() {
-                return Err(Error::tensor(
-                    &name,
-                    format!("shape {:?}, expected {:?}", src.size(), dst.size()),
-                ));
-            }
-            dst.copy_(&src.to_kind(Kind::Float).to_device(dst.device()));
-        }
-        Ok(())
+        super::load_named_state(self.state(), tensors)
     }
 
     fn update_ema(&self, decay: f64) {
