@@ -164,6 +164,23 @@ fn detect_cli_letterboxes_and_counts_like_python() {
             assert!(b[2] <= line["width"].as_f64().unwrap() && b[1] >= 0.0);
         }
     }
+    // A relative --detector is relative to the working directory (it once was resolved
+    // against its own folder, as paths inside a TOML [detector] table are).
+    let relative = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .current_dir(dir.parent().unwrap())
+        .args(["detect", "--detector"])
+        .arg(Path::new(dir.file_name().unwrap()).join("yolov8n.torchscript"))
+        .arg("--images")
+        .arg(&files[0])
+        .arg("--output")
+        .arg(out.path().join("relative.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        relative.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relative.stderr)
+    );
     // A file that is no TorchScript export is named in the error.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
         .args(["detect", "--detector"])
