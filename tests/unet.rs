@@ -567,3 +567,96 @@ fn unet_recipes_pass_check() {
         assert_eq!(got, &want, "{recipe}: sites");
     }
 }
+
+/// Every variable of a loaded model, by name.
+fn variables(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables().into_iter().collect()
+}
+
+fn assert_bitwise_equal(kind: &str, a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{kind}: the two loads have other variables"
+    );
+    for (name, x) in a {
+        assert!(
+            x.equal(&b[name]),
+            "{kind}: `{name}` differs between .bin and safetensors"
+        );
+    }
+    println!("{kind}: {} tensors equal bit for bit", a.len());
+}
+
+#[test]
+fn bin_model_folders_load_equal_to_their_safetensors_twins_and_code_is_refused() {
+    use softalign_backbones::{clip::TextEncoder, sd3::Sd3Spec, t5::T5Encoder, vae::AutoencoderKl};
+    let dir = common::python_fixture("bin_folders.py");
+    let d = |kind: &str, form: &str| dir.path().join(kind).join(form);
+    let dev = tch::Device::Cpu;
+    let kind = Kind::Float;
+    let load_backbone = |b: Box<dyn Backbone>| variables(b.var_store());
+    // Each model kind's own loader, given the folder as a user would give it.
+    let loads: [(&str, Box<dyn Fn(PathBuf) -> BTreeMap<String, Tensor>>); 5] = [
+        (
+            "unet",
+            Box::new(|p| load_backbone(build(UNetSpec::from_path(p)))),
+        ),
+        (
+            "sd3 (sharded .bin)",
+            Box::new(|p| {
+                load_backbone(
+                    Sd3Spec::from_path(p)
+                        .build(&BuildContext::cpu("."))
+                        .unwrap(),
+                )
+            }),
+        ),
+        (
+            "vae",
+            Box::new(|p| variables(AutoencoderKl::load(p, dev, kind).unwrap().vs())),
+        ),
+        (
+            "clip",
+            Box::new(|p| variables(TextEncoder::load(p, dev, kind).unwrap().vs())),
+        ),
+        (
+            "t5",
+            Box::new(|p| variables(T5Encoder::load(p, dev, kind).unwrap().vs())),
+        ),
+    ];
+    for (name, load) in &loads {
+        let folder = name.split(' ').next().unwrap();
+        assert_bitwise_equal(name, &load(d(folder, "bin")), &load(d(folder, "safe")));
+    }
+
+    // A pickle that would run code is refused before anything is built from it, by name.
+    let evil = dir.path().join("evil");
+    let err = UNetSpec::from_path(&evil)
+        .build(&BuildContext::cpu("."))
+        .err()
+        .expect("the evil pickle must be refused")
+        .to_string();
+    println!("evil pickle: {err}");
+    assert!(
+        err.contains("diffusion_pytorch_model.bin")
+            && err.contains("system")
+            && err.contains("refusing"),
+        "{err}"
+    );
+
+    // As strict as safetensors: a missing and a stray tensor are named, with the file.
+    let err = UNetSpec::from_path(dir.path().join("strict"))
+        .build(&BuildContext::cpu("."))
+        .err()
+        .expect("a pickle missing a tensor must be refused")
+        .to_string();
+    println!("mismatched pickle: {err}");
+    for needle in [
+        "conv_out.bias",
+        "stray.weight",
+        "diffusion_pytorch_model.bin",
+    ] {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+}
