@@ -660,3 +660,84 @@ fn bin_model_folders_load_equal_to_their_safetensors_twins_and_code_is_refused()
         assert!(err.contains(needle), "`{needle}` not in: {err}");
     }
 }
+
+/// DiffusionDPO's train.py loss (tests/python/unet_fixtures.py `diffusion_dpo_reference`): soft
+/// tokens on the SD1.5-like UNet as the policy, the same UNet with the adapters off as the
+/// reference, two preference pairs sharing t and noise; the loss, the implicit accuracy, the
+/// logged MSEs, the gradient reaching the tokens, and the --sft loss.
+#[test]
+fn diffusion_dpo_loss_matches_diffusion_dpo_train_py() {
+    use softalign_core::objective::Objective;
+    use softalign_core::plugin::ObjectiveSpec;
+    use softalign_objectives::diffusion_dpo::DiffusionDpoSpec;
+    use softalign_objectives::{evaluate, StepInputs, StepOptions};
+
+    let want = &fixtures().manifest["dpo"];
+    let io = io("dpo_loss");
+    let bb = load("sd15");
+    let adapters = vec![tokens_adapter(bb.as_ref(), &io, "inject_sd15")];
+    let run = |sft: bool| {
+        let spec = DiffusionDpoSpec {
+            weight: 1.0,
+            beta: want["beta"].as_f64().unwrap(),
+            sft,
+            tokens: None,
+        };
+        let objectives: Vec<Box<dyn Objective>> = vec![spec.build().unwrap()];
+        for (_, t) in adapters[0].trainable() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let inputs = StepInputs {
+            x0: io["x0"].shallow_clone(),
+            cond: cond(&io),
+            noise: io["noise"].shallow_clone(),
+            timestep: io["timestep"].shallow_clone(),
+            captions: None,
+            preference_pairs: true,
+        };
+        let opts = StepOptions {
+            pairs_per_forward: None,
+            backward: Some(1.0),
+        };
+        evaluate(bb.as_ref(), Some(&adapters), &objectives, inputs, &opts).expect("dpo step")
+    };
+    let r = run(false);
+    let term = |name: &str| r.terms.iter().find(|(n, _)| n == name).unwrap().1;
+    let mut worst: f64 = 0.0;
+    for (name, key) in [
+        ("diffusion_dpo", "loss"),
+        ("diffusion_dpo_implicit_acc", "implicit_acc"),
+        ("diffusion_dpo_model_mse", "model_mse"),
+        ("diffusion_dpo_ref_mse", "ref_mse"),
+    ] {
+        let err = (term(name) - want[key].as_f64().unwrap()).abs();
+        println!(
+            "diffusion_dpo `{name}`: {:.6} vs train.py {:.6} (abs error {err:.2e})",
+            term(name),
+            want[key]
+        );
+        worst = worst.max(err);
+    }
+    assert!(
+        worst <= 1e-5,
+        "diffusion_dpo differs from train.py by {worst:e}"
+    );
+    let (_, tokens) = &adapters[0].trainable()[0];
+    let grad_err = max_err(&tokens.grad(), &io["tokens_grad"]);
+    let grad_scale = io["tokens_grad"].abs().max().double_value(&[]);
+    println!(
+        "diffusion_dpo token gradient: max abs error {grad_err:.2e} (max |grad| {grad_scale:.3e})"
+    );
+    assert!(
+        grad_err <= 1e-5 * grad_scale.max(1.0),
+        "gradient error {grad_err:e}"
+    );
+
+    let sft = run(true);
+    let err = (sft.total - want["sft"].as_f64().unwrap()).abs();
+    println!("diffusion_dpo sft: abs error {err:.2e}");
+    assert!(err <= 1e-5, "sft loss error {err:e}");
+}

@@ -1,10 +1,12 @@
 //! Loss terms and the step context they share: SoftREPA's contrastive loss, the plain
-//! denoising / flow-matching loss, AGSM, the counting term; and the train task that drives them.
+//! denoising / flow-matching loss, AGSM, the counting term, Diffusion-DPO; and the train task
+//! that drives them.
 pub mod agsm;
 pub mod batch;
 pub mod caption_count;
 pub mod contrastive;
 pub mod counting;
+pub mod diffusion_dpo;
 pub mod dsm;
 pub mod step;
 pub mod task;

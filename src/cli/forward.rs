@@ -127,10 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let inj = Injection {
         adapters: &adapters,
-        selection: TokenSelection {
-            set: a.token_set.clone(),
-            ema: false,
-        },
+        selection: TokenSelection::new(a.token_set.clone(), false),
     };
     let hook = (!adapters.is_empty()).then_some(&inj as &dyn SiteHook);
     let _guard = tch::no_grad_guard();
