@@ -3,12 +3,13 @@ SDXL-like, SD2-like v-prediction pipeline, a second "Diffusion-DPO" UNet for the
 their outputs on fixed inputs with a different timestep per sample, a reference of SoftREPA's
 token insertion after BOS per block group (forward pre-hooks that rewrite the
 encoder_hidden_states each block group receives), DDIMScheduler timesteps and step outputs,
-DDPM add_noise / get_velocity, and DiffusionDPO's loss (train.py) with soft tokens as the
-policy and the bare UNet as the reference.
+DDPM add_noise / get_velocity, DiffusionDPO's loss (train.py) with soft tokens as the
+policy and the bare UNet as the reference, and DDPO's per-step DDIM log-probabilities.
 
 usage: unet_fixtures.py OUT_DIR
 """
 import json
+import math
 import os
 import sys
 
@@ -242,6 +243,7 @@ def main(out):
     save(os.path.join(out, "schedulers"), io)
     manifest["ddim"] = ddim
     manifest["dpo"] = diffusion_dpo_reference(out, models["sd15"])
+    manifest["ddim_log_prob"] = ddim_log_prob_reference(out)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
 
@@ -309,6 +311,70 @@ def diffusion_dpo_reference(out, model):
     ))
     return dict(beta=beta, loss=loss.item(), implicit_acc=implicit_acc.item(),
                 model_mse=raw_model_loss.item(), ref_mse=raw_ref_loss.item(), sft=sft.item())
+
+
+def ddpo_step_with_logprob(sched, model_output, timestep, sample, eta, prev_sample=None, noise=None):
+    """ddpo-pytorch's `ddim_step_with_logprob` (diffusers_patch/ddim_with_logprob.py): batched
+    timesteps, the previous timestep clamped to [0, N - 1], log N(prev; mean, std^2) averaged
+    over every non-batch dimension."""
+    cfg = sched.config
+    prev_timestep = timestep - cfg.num_train_timesteps // sched.num_inference_steps
+    prev_timestep = torch.clamp(prev_timestep, 0, cfg.num_train_timesteps - 1)
+    col = lambda v: v.reshape(v.shape + (1,) * (sample.ndim - 1)).broadcast_to(sample.shape)
+    alpha_prod_t = sched.alphas_cumprod.gather(0, timestep)
+    alpha_prod_t_prev = torch.where(prev_timestep >= 0, sched.alphas_cumprod.gather(0, prev_timestep),
+                                    sched.final_alpha_cumprod)
+    variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    alpha_prod_t, alpha_prod_t_prev = col(alpha_prod_t), col(alpha_prod_t_prev)
+    beta_prod_t = 1 - alpha_prod_t
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
+        eps = model_output
+    else:
+        x0 = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
+        eps = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    std = col(eta * variance ** 0.5)
+    mean = alpha_prod_t_prev ** 0.5 * x0 + (1 - alpha_prod_t_prev - std ** 2) ** 0.5 * eps
+    if prev_sample is None:
+        prev_sample = mean + std * noise
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
+                - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean
+
+
+def ddim_log_prob_reference(out):
+    """DDPO's per-step log-probabilities on fixed inputs: eta 1 and 0.4, per-sample timesteps
+    that include the last step (where the clamp matters with set_alpha_to_one), epsilon and
+    v-prediction, with clip_sample; scored on a given prev_sample and on one drawn from noise."""
+    g = torch.Generator().manual_seed(5)
+    configs = [
+        dict(steps=50, offset=1, alpha_one=False, eta=1.0, pred="epsilon", clip=False, t=[981, 501, 1]),
+        dict(steps=20, offset=0, alpha_one=True, eta=1.0, pred="epsilon", clip=False, t=[1, 50, 950]),
+        dict(steps=10, offset=1, alpha_one=False, eta=0.4, pred="v_prediction", clip=True, t=[901, 1, 401]),
+    ]
+    io = {}
+    for k, c in enumerate(configs):
+        sched = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=c["clip"],
+            set_alpha_to_one=c["alpha_one"], steps_offset=c["offset"], prediction_type=c["pred"],
+        )
+        sched.set_timesteps(c["steps"])
+        shape = (3, 4, 5, 5)
+        mo = torch.randn(shape, generator=g)
+        x = torch.randn(shape, generator=g) * 1.5
+        given = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
+        t = torch.tensor(c["t"])
+        _, lp_given, mean = ddpo_step_with_logprob(sched, mo, t, x, c["eta"], prev_sample=given)
+        drawn, lp_drawn, _ = ddpo_step_with_logprob(sched, mo, t, x, c["eta"], noise=noise)
+        for name, v in (("model_output", mo), ("sample", x), ("given", given), ("noise", noise),
+                        ("log_prob_given", lp_given), ("mean", mean), ("drawn", drawn),
+                        ("log_prob_drawn", lp_drawn)):
+            io[f"{k}.{name}"] = v
+    save(os.path.join(out, "ddim_log_prob"), io)
+    return configs
 
 
 def _load(out, case):
