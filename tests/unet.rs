@@ -597,7 +597,8 @@ fn bin_model_folders_load_equal_to_their_safetensors_twins_and_code_is_refused()
     let kind = Kind::Float;
     let load_backbone = |b: Box<dyn Backbone>| variables(b.var_store());
     // Each model kind's own loader, given the folder as a user would give it.
-    let loads: [(&str, Box<dyn Fn(PathBuf) -> BTreeMap<String, Tensor>>); 5] = [
+    type Loader<'a> = Box<dyn Fn(PathBuf) -> BTreeMap<String, Tensor> + 'a>;
+    let loads: [(&str, Loader); 5] = [
         (
             "unet",
             Box::new(|p| load_backbone(build(UNetSpec::from_path(p)))),
