@@ -164,6 +164,23 @@ fn detect_cli_letterboxes_and_counts_like_python() {
             assert!(b[2] <= line["width"].as_f64().unwrap() && b[1] >= 0.0);
         }
     }
+    // A relative --detector is relative to the working directory (it once was resolved
+    // against its own folder, as paths inside a TOML [detector] table are).
+    let relative = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .current_dir(dir.parent().unwrap())
+        .args(["detect", "--detector"])
+        .arg(Path::new(dir.file_name().unwrap()).join("yolov8n.torchscript"))
+        .arg("--images")
+        .arg(&files[0])
+        .arg("--output")
+        .arg(out.path().join("relative.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        relative.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relative.stderr)
+    );
     // A file that is no TorchScript export is named in the error.
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
         .args(["detect", "--detector"])
@@ -402,5 +419,52 @@ fn shapes_detector_counts_held_out_renders() {
             "shapes detector, held-out renders: {name} count accuracy {acc:.4} ({right}/{n})"
         );
         assert!(acc >= 0.95, "{name}: {acc}");
+    }
+}
+
+/// `softalign bench --recipe` times the shapes counting recipe's step and each term alone.
+#[test]
+fn bench_recipe_times_each_objective() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(["bench", "--recipe"])
+        .arg(root.join("recipes/shapes/softrepa-counting.toml"))
+        .args([
+            "--set",
+            "train.images_per_step=2",
+            "--set",
+            "objective.2.max_timestep=1000",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for case in [
+        "all objectives",
+        "softrepa_contrastive alone",
+        "dsm alone",
+        "counting alone",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(case))
+            .unwrap_or_else(|| panic!("no `{case}` row in\n{text}"));
+        let ms: f64 = line[case.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ms > 0.0, "{line}");
     }
 }

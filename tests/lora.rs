@@ -129,6 +129,89 @@ fn sd3_rslora_and_dora_files_match() {
     assert!(m < TOL, "dora {m}");
 }
 
+/// DoRA trained here: the magnitudes start at the frozen weights' row norms as PEFT's do; with
+/// PEFT's tensors loaded, the forward and the gradients of A, B and the magnitude equal PEFT's
+/// (`dora_train.safetensors`); the exported PEFT folder merges back to the same output.
+#[test]
+fn dora_trains_as_peft_does_and_its_export_merges_back() {
+    let _g = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let io = fixtures().io("sd3_dora");
+    let want = &io["sample"];
+    let fx = softalign_core::tensors::MappedSafetensors::open(
+        case("sd3_dora").join("dora_train.safetensors"),
+    )
+    .unwrap()
+    .all()
+    .unwrap();
+    let b = sd3("sd3_dora");
+    let spec: LoraSpec = toml::from_str("rank = 4\nalpha = 8.0\nuse_dora = true").unwrap();
+    let mut lora = spec.build(b.info(), &BuildContext::cpu(".")).unwrap();
+    lora.bind_weights(b.var_store()).unwrap();
+    let mut inits = 0;
+    for (n, t) in lora.trainable() {
+        if let Some(w) = fx.get(&format!("init.{n}")) {
+            assert!(
+                rel_err(&t, w) < TOL,
+                "{n}: initial magnitude differs from PEFT's"
+            );
+            inits += 1;
+        }
+    }
+    assert_eq!(inits, 23, "one magnitude per adapted Linear");
+    let state: BTreeMap<String, Tensor> = fx
+        .iter()
+        .filter(|(k, _)| k.starts_with("default."))
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    assert_eq!(state.len(), 3 * 23);
+    lora.load_state(&state).unwrap();
+    let adapters: Vec<Box<dyn Adapter>> = vec![lora];
+    let inj = Injection {
+        adapters: &adapters,
+        selection: TokenSelection::default(),
+    };
+    let mut cond = Conditioning::new();
+    for n in &b.info().conditioning {
+        cond = cond.with(n, io[n].shallow_clone());
+    }
+    let out = b
+        .forward(&io["hidden_states"], &io["timestep"], &cond, Some(&inj))
+        .unwrap();
+    let fwd = rel_err(&out, want);
+    (out * &fx["R"]).sum(Kind::Float).backward();
+    let mut worst: f64 = 0.0;
+    for (n, p) in adapters[0].trainable() {
+        let g = &fx[&format!("grad.{n}")];
+        worst = worst.max(rel_err(&p.grad(), g));
+    }
+    let gmax = adapters[0]
+        .trainable()
+        .iter()
+        .map(|(_, p)| p.grad().abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    let plain = rel_err(&forward(b.as_ref(), &io, None), want);
+    println!(
+        "dora training: forward {fwd:.2e} (without the adapter {plain:.2e}), gradients \
+         {worst:.2e} (largest {gmax:.2e})"
+    );
+    assert!(
+        plain > 1e-3 && gmax > 0.0,
+        "the DoRA fixture changes nothing"
+    );
+    assert!(fwd < TOL && worst < TOL, "forward {fwd}, gradients {worst}");
+    // Out as a PEFT folder (use_dora, lora_magnitude_vector), read and merged here.
+    let dir = tempfile::tempdir().unwrap();
+    adapters[0].export(dir.path()).unwrap();
+    let cfg = std::fs::read_to_string(dir.path().join("peft/adapter_config.json")).unwrap();
+    assert!(cfg.contains("\"use_dora\": true"), "{cfg}");
+    let fresh = sd3("sd3_dora");
+    let w = merge::read_for(fresh.as_ref(), &dir.path().join("peft")).unwrap();
+    assert!(w.entries.iter().all(|e| e.magnitude.is_some()));
+    merge::merge(&w, &fresh.weight_targets(), 1.0).unwrap();
+    let merged = rel_err(&forward(fresh.as_ref(), &io, None), want);
+    assert!(merged < TOL, "exported DoRA merged: {merged}");
+}
+
 fn unet_parity(name: &str, file: &str) -> f64 {
     let io = fixtures().io(name);
     let b = unet(name);
@@ -828,4 +911,18 @@ fn lora_merge_and_forward_lora_agree() {
         println!("forward --lora {what} vs lora merge: {e:.2e}");
         assert!(e < TOL, "{what}: {e}");
     }
+    // A recipe's `[backbone] loras`, paths relative to the recipe's folder, merges the same.
+    let spec: Sd3Spec = toml::from_str(
+        "path = \"model\"\n\
+         loras = [{ path = \"lora/pytorch_lora_weights.safetensors\", scale = 0.5 }]\n",
+    )
+    .unwrap();
+    let b = spec.build(&BuildContext::cpu(d)).unwrap();
+    let io = softalign_core::tensors::MappedSafetensors::open(d.join("in.safetensors"))
+        .unwrap()
+        .all()
+        .unwrap();
+    let e = rel_err(&forward(b.as_ref(), &io, None), &merged);
+    println!("[backbone] loras vs lora merge: {e:.2e}");
+    assert!(e < TOL, "[backbone] loras: {e}");
 }

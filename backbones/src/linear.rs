@@ -42,7 +42,12 @@ impl Deref for SiteLinear {
 impl Module for SiteLinear {
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.lin.forward(x);
-        match linear_site::delta(&self.name, x) {
+        let base = linear_site::LinearBase {
+            weight: &self.lin.ws,
+            bias: self.lin.bs.as_ref(),
+            output: &y,
+        };
+        match linear_site::delta(&self.name, x, &base) {
             Some(d) => y + d,
             None => y,
         }

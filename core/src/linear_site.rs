@@ -44,6 +44,15 @@ impl LinearSite {
     }
 }
 
+/// The frozen layer a delta is asked for: its weight [out, in] and bias as the backbone holds
+/// them (maybe bf16 / fp16), and its output `x W^T + b` for this input. Plain LoRA needs none
+/// of it; DoRA rescales the output by the merged weight's row norms.
+pub struct LinearBase<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub output: &'a Tensor,
+}
+
 /// Module paths and (in, out) of a model's Linear layers, relative to the model root; a
 /// backbone turns them into [`LinearSite`]s with [`sites_of`].
 pub type LinearShapes = Vec<(String, i64, i64)>;
@@ -95,13 +104,13 @@ pub fn with_hook<R>(hook: Option<&dyn SiteHook>, f: impl FnOnce() -> Result<R>) 
 
 /// What a Linear layer named `site` adds to its output for input `x`, asked of the innermost
 /// active hook (None outside any scope, or where the hook has nothing for this site).
-pub fn delta(site: &str, x: &Tensor) -> Option<Tensor> {
+pub fn delta(site: &str, x: &Tensor, base: &LinearBase<'_>) -> Option<Tensor> {
     ACTIVE.with(|a| {
         let a = a.borrow();
         let top = a.last()?;
         // SAFETY: see `with_hook`.
         let hook = unsafe { &*top.hook };
-        match hook.linear_delta(site, x) {
+        match hook.linear_delta(site, x, base) {
             Ok(d) => d,
             Err(e) => {
                 FAILED.with(|f| {

@@ -103,9 +103,15 @@ pub trait SiteHook {
         batch: i64,
     ) -> Result<Option<ContextTokens>>;
     /// What the Linear layer named `site` (a [`crate::linear_site::LinearSite`] name) adds to
-    /// its output for input `x` (LoRA); None: nothing.
-    fn linear_delta(&self, site: &str, x: &Tensor) -> Result<Option<Tensor>> {
-        let _ = (site, x);
+    /// its output for input `x` (LoRA); None: nothing. `base` is the frozen layer and its
+    /// output for `x`.
+    fn linear_delta(
+        &self,
+        site: &str,
+        x: &Tensor,
+        base: &crate::linear_site::LinearBase<'_>,
+    ) -> Result<Option<Tensor>> {
+        let _ = (site, x, base);
         Ok(None)
     }
     /// Whether `linear_delta` can return anything (lets a forward skip the Linear scope).

@@ -1,5 +1,6 @@
 //! `softalign bench`: MMDiT (or, with `--backbone unet`, UNet) forward and forward+backward
-//! timings, with and without soft tokens.
+//! timings, with and without soft tokens and LoRA; with `--recipe`, a recipe's training step
+//! and each of its objectives alone.
 use anyhow::Context;
 use softalign_backbones::bench::BenchRow;
 use softalign_backbones::sd3::bench::{run as run_bench, BenchConfig};
@@ -8,6 +9,13 @@ use softalign_core::dtype::{DType, DeviceSpec};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Time a recipe's training step instead (on its own model and data): all objectives,
+    /// then each alone, forward + backward; the model options below are then ignored.
+    #[arg(long)]
+    pub recipe: Option<std::path::PathBuf>,
+    /// With --recipe: override a recipe value (`--set train.images_per_step=4`, repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "recipe")]
+    pub set: Vec<String>,
     /// `sd3` (MMDiT) or `unet` (SD1.5/SDXL UNet2DConditionModel).
     #[arg(long, default_value = "sd3")]
     pub backbone: String,
@@ -50,6 +58,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(n) = a.threads {
+        tch::set_num_threads(n);
+    }
+    if let Some(recipe) = &a.recipe {
+        return super::bench_recipe::run(recipe, &a.set, a.iters, a.warmup);
+    }
     match a.backbone.as_str() {
         "sd3" => {}
         "unet" => return super::bench_unet::run(a),
@@ -58,9 +72,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = BenchConfig::small_cpu();
     if let Some(p) = &a.preset {
         cfg.model = Sd3Config::preset(p).context("--preset")?;
-    }
-    if let Some(n) = a.threads {
-        tch::set_num_threads(n);
     }
     cfg.batch = a.batch;
     cfg.resolution = a.resolution;

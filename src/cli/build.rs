@@ -69,8 +69,12 @@ impl Built {
         let adapters = if with_adapters {
             r.adapter
                 .iter()
-                .map(|s| s.build(&info, &ctx))
-                .collect::<Result<_, _>>()
+                .map(|s| {
+                    let mut a = s.build(&info, &ctx)?;
+                    a.bind_weights(backbone.var_store())?;
+                    Ok(a)
+                })
+                .collect::<softalign_core::Result<_>>()
                 .context("building the adapters")?
         } else {
             Vec::new()
@@ -116,6 +120,10 @@ impl Built {
         if b.loaded.recipe.train.mode == TrainMode::Adapter {
             let dtype = b.loaded.recipe.train.weights_dtype;
             freeze_in_dtype(b.backbone.var_store_mut(), dtype);
+            // DoRA magnitudes start at the rows of the weights as training will see them.
+            for a in &mut b.adapters {
+                a.bind_weights(b.backbone.var_store())?;
+            }
         }
         Ok(b)
     }

@@ -46,24 +46,25 @@ pub struct Args {
 
 /// The detector a file names: a TorchScript export, or a TOML `[detector]` table.
 pub fn load_detector(path: &Path, ctx: &BuildContext) -> anyhow::Result<Box<dyn Detector>> {
-    let spec: Box<dyn DetectorSpec> = if path.extension().is_some_and(|e| e == "toml") {
+    if path.extension().is_some_and(|e| e == "toml") {
         #[derive(serde::Deserialize)]
         struct File {
             detector: Box<dyn DetectorSpec>,
         }
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         let f: File = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        f.detector
-    } else {
-        Box::new(softalign_backbones::yolov8::Yolov8Spec {
-            file: path.to_path_buf(),
-        })
+        // Paths inside a TOML file are relative to that file, as in recipes.
+        let ctx = BuildContext {
+            recipe_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ..ctx.clone()
+        };
+        return Ok(f.detector.build(&ctx)?);
+    }
+    // A path given on the command line is relative to the working directory.
+    let spec = softalign_backbones::yolov8::Yolov8Spec {
+        file: path.to_path_buf(),
     };
-    let ctx = BuildContext {
-        recipe_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        ..ctx.clone()
-    };
-    Ok(spec.build(&ctx)?)
+    Ok(spec.build(ctx)?)
 }
 
 /// The image files `args` name, folders expanded.

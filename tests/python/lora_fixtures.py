@@ -6,7 +6,10 @@ Cases (one folder each, `model/` + LoRA files + `io.safetensors` with inputs and
   sd3          SD3 transformer, the SD3 script's eight targets: PEFT folder `peft/` (r 4, alpha 8)
                and the diffusers pipeline file `diffusers/` (transformer. prefix + metadata)
   sd3_rslora   PEFT folder with use_rslora
-  sd3_dora     PEFT folder with use_dora (lora_magnitude_vector)
+  sd3_dora     PEFT folder with use_dora (lora_magnitude_vector); `dora_train.safetensors`:
+               the adapter's tensors in softalign's adapter-file names (`default.<module>.lora_A.weight`,
+               `default.<module>.lora_magnitude_vector`), PEFT's initial magnitudes (`init.<name>`),
+               a cotangent `R` and the gradients of sum(sample * R) (`grad.<name>`)
   (UNet cases store the output as `expected`: `sample` is their input.)
   unet         SD1.5-like UNet, to_q/k/v/out.0 (r = alpha = 4): diffusers `lora.down` file,
                the old attention-processor pickle `.bin` (ddpo-pytorch), kohya (alpha 2, up x 2)
@@ -51,6 +54,14 @@ def randomise_lora(model, gen, std=0.2):
                 p.mul_(1.0 + 0.3 * torch.rand(p.shape, generator=gen))
 
 
+def ours(peft_name):
+    """A PEFT parameter name as softalign's adapter file names it (set `default`)."""
+    name = peft_name.replace(".default.weight", ".weight")
+    if name.endswith(".lora_magnitude_vector.weight"):
+        name = name[: -len(".weight")]
+    return f"default.{name}"
+
+
 def lora_sd(model):
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -78,9 +89,21 @@ def sd3_case(out, name, gen, **lora_kw):
     }
     lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=SD3_TARGETS, **lora_kw)
     model.add_adapter(lcfg)
+    init = {f"init.{ours(n)}": p.detach().clone() for n, p in model.named_parameters() if "lora_magnitude" in n}
     randomise_lora(model, gen)
     with torch.no_grad():
         sample = model(**inp).sample
+    if lora_kw.get("use_dora"):
+        # Training parity: the same forward with autograd, against a fixed cotangent.
+        r = torch.randn(sample.shape, generator=torch.Generator().manual_seed(99))
+        model.zero_grad()
+        (model(**inp).sample * r).sum().backward()
+        train = dict(init, R=r)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                train[ours(n)] = p.detach().clone()
+                train[f"grad.{ours(n)}"] = p.grad.detach().clone()
+        save_file(train, os.path.join(d, "dora_train.safetensors"))
     sd = lora_sd(model)
     save_peft(os.path.join(d, "peft"), sd, lcfg)
     if not lora_kw:

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::linear_site::LinearBase;
 use crate::site::{ContextTokens, SiteHook, SiteInfo};
 use crate::{Error, Result};
 
@@ -81,10 +82,24 @@ pub trait Adapter: Send {
     fn acts_on_linears(&self) -> bool {
         false
     }
-    /// What the Linear layer named `site` adds to its output for input `x` (LoRA).
-    fn linear_delta(&self, site: &str, x: &Tensor, sel: &TokenSelection) -> Result<Option<Tensor>> {
-        let _ = (site, x, sel);
+    /// What the Linear layer named `site` adds to its output for input `x` (LoRA), `base`
+    /// being the frozen layer and its output (DoRA rescales it).
+    fn linear_delta(
+        &self,
+        site: &str,
+        x: &Tensor,
+        base: &LinearBase<'_>,
+        sel: &TokenSelection,
+    ) -> Result<Option<Tensor>> {
+        let _ = (site, x, base, sel);
         Ok(None)
+    }
+    /// Takes what the adapter needs from the frozen weights it will act on, once the backbone
+    /// is loaded and before any checkpoint is restored (DoRA: each magnitude starts at its
+    /// weight's row norms, as PEFT initialises it).
+    fn bind_weights(&mut self, weights: &tch::nn::VarStore) -> Result<()> {
+        let _ = weights;
+        Ok(())
     }
     /// Parameters per trainable tensor group, for `recipe check` and logs (default: the
     /// element count of `trainable`).
@@ -148,13 +163,18 @@ impl SiteHook for Injection<'_> {
     }
 
     /// The sum of every adapter's delta at `site` (LoRA and DoRA sets stack additively).
-    fn linear_delta(&self, site: &str, x: &Tensor) -> Result<Option<Tensor>> {
+    fn linear_delta(
+        &self,
+        site: &str,
+        x: &Tensor,
+        base: &LinearBase<'_>,
+    ) -> Result<Option<Tensor>> {
         if self.selection.adapters_off {
             return Ok(None);
         }
         let mut sum: Option<Tensor> = None;
         for a in self.adapters {
-            if let Some(d) = a.linear_delta(site, x, &self.selection)? {
+            if let Some(d) = a.linear_delta(site, x, base, &self.selection)? {
                 sum = Some(match sum {
                     None => d,
                     Some(s) => s + d,

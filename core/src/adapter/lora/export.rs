@@ -4,7 +4,9 @@
 //! `save_lora_weights` writes them), which `pipe.load_lora_weights(dir)` loads as it is; and a
 //! PEFT folder (`adapter_model.safetensors` with `base_model.model.` keys +
 //! `adapter_config.json`). Each set beyond the first gets its own pair of files, suffixed
-//! `-<set>`.
+//! `-<set>`; an adapter with EMA copies also writes each set's EMA weights, suffixed `-ema`
+//! (`-<set>-ema` beyond the first set). DoRA magnitudes are written as PEFT saves them
+//! (`<module>.lora_magnitude_vector`).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -30,7 +32,7 @@ fn config(layout: &Layout, component: &str) -> serde_json::Value {
         "r": layout.rank,
         "lora_alpha": layout.alpha,
         "use_rslora": layout.rslora,
-        "use_dora": false,
+        "use_dora": layout.dora,
         "lora_dropout": layout.dropout,
         "bias": "none",
         "init_lora_weights": true,
@@ -55,10 +57,11 @@ pub fn write_set(layout: &Layout, pairs: &[Pair], dir: &Path, suffix: &str) -> R
     let mut peft: Vec<(String, Tensor)> = Vec::new();
     for (s, p) in layout.sites.iter().zip(pairs) {
         let (c, m) = (&s.site.component, &s.site.path);
-        for (role, t) in [("lora_A", &p.a), ("lora_B", &p.b)] {
+        let roles = ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"];
+        for (role, t) in roles.iter().zip(p.tensors()) {
             let t = t.detach().contiguous();
-            diffusers.push((format!("{c}.{m}.{role}.weight"), t.shallow_clone()));
-            peft.push((format!("base_model.model.{m}.{role}.weight"), t));
+            diffusers.push((format!("{c}.{m}.{role}"), t.shallow_clone()));
+            peft.push((format!("base_model.model.{m}.{role}"), t));
         }
     }
     let mut flat = serde_json::Map::new();
@@ -101,13 +104,16 @@ pub fn write_set(layout: &Layout, pairs: &[Pair], dir: &Path, suffix: &str) -> R
 pub fn write_all(lora: &Lora, dir: &Path) -> Result<()> {
     let layout = lora.layout();
     for (k, set) in layout.sets.iter().enumerate() {
-        let pairs = lora.pairs(set, false).expect("every set has online pairs");
         let suffix = if k == 0 {
             String::new()
         } else {
             format!("-{set}")
         };
+        let pairs = lora.pairs(set, false).expect("every set has online pairs");
         write_set(layout, pairs, dir, &suffix)?;
+        if let Some(ema) = lora.pairs(set, true) {
+            write_set(layout, ema, dir, &format!("{suffix}-ema"))?;
+        }
     }
     Ok(())
 }

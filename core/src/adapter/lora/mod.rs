@@ -3,8 +3,13 @@
 //! rslora). Named sets with EMA copies, as soft tokens have, so AGSM's positive / negative
 //! objective runs with LoRA too.
 //!
+//! DoRA (Liu et al. 2024, PEFT `use_dora`) adds a trainable magnitude m [out] per site, started
+//! at the frozen weight's row norms: y = m / ||W + s B A||_row * (W x + s B A x) + bias, the
+//! norm detached as PEFT detaches it.
+//!
 //! Tensor layout of the adapter file (checkpoints, `final/adapter.safetensors`):
-//! `{set}.{site}.lora_A.weight`, `{set}.{site}.lora_B.weight`, `ema.{set}.{site}.lora_*`.
+//! `{set}.{site}.lora_A.weight`, `{set}.{site}.lora_B.weight` (DoRA:
+//! `{set}.{site}.lora_magnitude_vector`), `ema.{set}.{site}.lora_*`.
 //! `final/` also holds the diffusers and PEFT files ([`export`]). Files from other tools are
 //! read by [`files`].
 pub mod export;
@@ -20,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::adapter::{Adapter, TokenSelection};
 use crate::backbone::BackboneInfo;
-use crate::linear_site::LinearSite;
+use crate::linear_site::{LinearBase, LinearSite};
 use crate::plugin::{AdapterSpec, BuildContext};
 use crate::site::SiteSelector;
 use crate::tensors::MappedSafetensors;
@@ -96,7 +101,7 @@ pub struct LoraSpec {
     /// Dropout on the LoRA input while training (PEFT `lora_dropout`).
     #[serde(default)]
     pub dropout: f64,
-    /// DoRA (PEFT `use_dora`). Training DoRA is not implemented yet; DoRA files merge.
+    /// DoRA (PEFT `use_dora`): a trainable magnitude per output row besides A and B.
     #[serde(default)]
     pub use_dora: bool,
     /// Named sets (AGSM: ["positive", "negative"]).
@@ -137,13 +142,16 @@ impl AdapterSpec for LoraSpec {
         Ok(Box::new(Lora::new(self, layout, ctx.device)))
     }
 
-    /// r * (in + out) per adapted module, per set.
+    /// r * (in + out) per adapted module (DoRA: + out), per set.
     fn trainable_parameters(&self, backbone: &BackboneInfo) -> Result<Option<i64>> {
         let l = self.layout(backbone)?;
+        let dora = i64::from(l.dora);
         let per: i64 = l
             .sites
             .iter()
-            .map(|s| s.rank * (s.site.in_features + s.site.out_features))
+            .map(|s| {
+                s.rank * (s.site.in_features + s.site.out_features) + dora * s.site.out_features
+            })
             .sum();
         Ok(Some(per * l.sets.len() as i64))
     }
@@ -166,6 +174,7 @@ pub struct Layout {
     pub alpha: f64,
     pub rslora: bool,
     pub dropout: f64,
+    pub dora: bool,
     pub sets: Vec<String>,
     pub ema: bool,
 }
@@ -219,12 +228,6 @@ impl LoraSpec {
             return Err(field(
                 "ema_decay",
                 format!("must be in [0, 1) (got {})", self.ema_decay),
-            ));
-        }
-        if self.use_dora {
-            return Err(field(
-                "use_dora",
-                "is not supported for training yet (DoRA files from PEFT merge at load)".into(),
             ));
         }
         if self.sets.is_empty() {
@@ -327,16 +330,18 @@ impl LoraSpec {
             alpha,
             rslora: self.rslora,
             dropout: self.dropout,
+            dora: self.use_dora,
             sets: self.sets.clone(),
             ema: self.ema,
         })
     }
 }
 
-/// A and B of one site.
+/// A and B of one site, and DoRA's magnitude [out].
 pub struct Pair {
     pub a: Tensor,
     pub b: Tensor,
+    pub m: Option<Tensor>,
 }
 
 impl Pair {
@@ -344,7 +349,18 @@ impl Pair {
         Pair {
             a: self.a.shallow_clone(),
             b: self.b.shallow_clone(),
+            m: self.m.as_ref().map(Tensor::shallow_clone),
         }
+    }
+    fn copy(&self) -> Pair {
+        Pair {
+            a: self.a.copy(),
+            b: self.b.copy(),
+            m: self.m.as_ref().map(Tensor::copy),
+        }
+    }
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.a, &self.b].into_iter().chain(self.m.as_ref())
     }
 }
 
@@ -358,6 +374,9 @@ pub struct Lora {
     ema_decay: f64,
     /// The spec it was built from (metadata; the file's key and shapes follow from it).
     spec: LoraSpec,
+    /// DoRA's magnitudes hold real values (bound to the frozen weights, or restored from a
+    /// file); always true without DoRA.
+    magnitudes_ready: bool,
 }
 
 impl Lora {
@@ -375,6 +394,8 @@ impl Lora {
             Pair {
                 a,
                 b: Tensor::zeros([o, r], (Kind::Float, dev)),
+                // Placeholder until `bind_weights` sets the frozen weight's row norms.
+                m: layout.dora.then(|| Tensor::ones([o], (Kind::Float, dev))),
             }
         };
         let mut online = BTreeMap::new();
@@ -382,22 +403,14 @@ impl Lora {
         for set in &layout.sets {
             let pairs: Vec<Pair> = layout.sites.iter().map(draw).collect();
             if layout.ema {
-                ema.insert(
-                    set.clone(),
-                    pairs
-                        .iter()
-                        .map(|p| Pair {
-                            a: p.a.copy(),
-                            b: p.b.copy(),
-                        })
-                        .collect(),
-                );
+                ema.insert(set.clone(), pairs.iter().map(Pair::copy).collect());
             }
             let pairs = pairs
                 .into_iter()
                 .map(|p| Pair {
                     a: p.a.set_requires_grad(true),
                     b: p.b.set_requires_grad(true),
+                    m: p.m.map(|m| m.set_requires_grad(true)),
                 })
                 .collect();
             online.insert(set.clone(), pairs);
@@ -408,6 +421,7 @@ impl Lora {
             .enumerate()
             .map(|(k, s)| (s.site.name.clone(), k))
             .collect();
+        let magnitudes_ready = !layout.dora;
         Self {
             layout,
             index,
@@ -415,6 +429,7 @@ impl Lora {
             ema,
             ema_decay: spec.ema_decay,
             spec: spec.clone(),
+            magnitudes_ready,
         }
     }
 
@@ -436,6 +451,7 @@ impl Lora {
             ema: sc(&self.ema),
             ema_decay: self.ema_decay,
             spec: self.spec.clone(),
+            magnitudes_ready: self.magnitudes_ready,
         }
     }
 
@@ -517,6 +533,7 @@ impl Lora {
             pairs.push(Pair {
                 a: e.down.flatten(1, -1).to_kind(Kind::Float),
                 b: e.up.flatten(1, -1).to_kind(Kind::Float),
+                m: None,
             });
         }
         let rank = sites.first().map_or(1, |s| s.rank);
@@ -527,6 +544,7 @@ impl Lora {
             alpha: rank as f64,
             rslora: false,
             dropout: 0.0,
+            dora: false,
             sets: default_sets(),
             ema: false,
         };
@@ -556,6 +574,7 @@ impl Lora {
                 ema: false,
                 ema_decay: default_decay(),
             },
+            magnitudes_ready: true,
         })
     }
 
@@ -565,8 +584,10 @@ impl Lora {
             for pairs in m.values_mut() {
                 for p in pairs.iter_mut() {
                     let rg = p.a.requires_grad();
-                    p.a = p.a.to_device(device).detach().set_requires_grad(rg);
-                    p.b = p.b.to_device(device).detach().set_requires_grad(rg);
+                    let mv = |t: &Tensor| t.to_device(device).detach().set_requires_grad(rg);
+                    p.a = mv(&p.a);
+                    p.b = mv(&p.b);
+                    p.m = p.m.as_ref().map(mv);
                 }
             }
         };
@@ -576,8 +597,14 @@ impl Lora {
     }
 
     /// Each site's weight delta s * B A [out, in] for `set` (online), by site name: what
-    /// merging this adapter into the frozen weights adds.
+    /// merging this adapter into the frozen weights adds (not DoRA, whose merge depends on W:
+    /// see [`Lora::merge_into`]).
     pub fn weight_deltas(&self, set: &str) -> Result<Vec<(String, Tensor)>> {
+        if self.layout.dora {
+            return Err(Error::invalid(
+                "lora: a DoRA adapter's merge depends on the frozen weights (merge_into)",
+            ));
+        }
         let sel = TokenSelection::online(set);
         let pairs = self.set_of(&sel)?;
         let _g = tch::no_grad_guard();
@@ -592,19 +619,38 @@ impl Lora {
 
     /// Adds [`Lora::weight_deltas`] of `set` to `vs` (the backbone's weights, named as the
     /// sites are): the adapter merged.
+    /// DoRA: W becomes m * (W + s B A) / ||W + s B A||_row.
     pub fn merge_into(&self, vs: &tch::nn::VarStore, set: &str) -> Result<()> {
         let vars = vs.variables();
+        let sel = TokenSelection::online(set);
+        let pairs = self.set_of(&sel)?;
+        self.check_ready()?;
         let _g = tch::no_grad_guard();
-        for (name, d) in self.weight_deltas(set)? {
-            let key = format!("{name}.weight");
+        for (s, p) in self.layout.sites.iter().zip(pairs) {
+            let key = format!("{}.weight", s.site.name);
             let mut w = vars
                 .get(&key)
                 .ok_or_else(|| Error::tensor(&key, "no such weight to merge into"))?
                 .shallow_clone();
-            let merged = w.to_kind(Kind::Float) + d.to_device(w.device());
+            let d = p.b.matmul(&p.a).to_device(w.device()) * s.scale;
+            let mut merged = w.to_kind(Kind::Float) + d;
+            if let Some(m) = &p.m {
+                let norm = merged.linalg_norm(2.0, &[1i64][..], true, None::<Kind>);
+                merged = &merged * m.to_device(w.device()).unsqueeze(1) / norm;
+            }
             w.copy_(&merged.to_kind(w.kind()));
         }
         Ok(())
+    }
+
+    fn check_ready(&self) -> Result<()> {
+        if self.magnitudes_ready {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "lora: the DoRA magnitudes were neither bound to the frozen weights nor restored \
+             from a file (Adapter::bind_weights must run once the backbone is loaded)",
+        ))
     }
 
     fn set_of<'a>(&'a self, sel: &'a TokenSelection) -> Result<&'a [Pair]> {
@@ -629,11 +675,16 @@ fn grad_enabled() -> bool {
     }
 }
 
-fn names(set: &str, site: &str) -> (String, String) {
-    (
+/// The names of a pair's tensors in the adapter file, in `Pair::tensors` order.
+fn names(set: &str, site: &str, p: &Pair) -> Vec<String> {
+    let mut v = vec![
         format!("{set}.{site}.lora_A.weight"),
         format!("{set}.{site}.lora_B.weight"),
-    )
+    ];
+    if p.m.is_some() {
+        v.push(format!("{set}.{site}.lora_magnitude_vector"));
+    }
+    v
 }
 
 impl Adapter for Lora {
@@ -645,9 +696,9 @@ impl Adapter for Lora {
         let mut v = Vec::new();
         for (set, pairs) in &self.online {
             for (s, p) in self.layout.sites.iter().zip(pairs) {
-                let (a, b) = names(set, &s.site.name);
-                v.push((a, p.a.shallow_clone()));
-                v.push((b, p.b.shallow_clone()));
+                for (n, t) in names(set, &s.site.name, p).into_iter().zip(p.tensors()) {
+                    v.push((n, t.shallow_clone()));
+                }
             }
         }
         v
@@ -657,23 +708,28 @@ impl Adapter for Lora {
         let mut v = self.trainable();
         for (set, pairs) in &self.ema {
             for (s, p) in self.layout.sites.iter().zip(pairs) {
-                let (a, b) = names(&format!("ema.{set}"), &s.site.name);
-                v.push((a, p.a.shallow_clone()));
-                v.push((b, p.b.shallow_clone()));
+                for (n, t) in names(&format!("ema.{set}"), &s.site.name, p)
+                    .into_iter()
+                    .zip(p.tensors())
+                {
+                    v.push((n, t.shallow_clone()));
+                }
             }
         }
         v
     }
 
     fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        crate::adapter::load_named_state(self.state(), tensors)
+        crate::adapter::load_named_state(self.state(), tensors)?;
+        self.magnitudes_ready = true;
+        Ok(())
     }
 
     fn update_ema(&self, decay: f64) {
         let _guard = tch::no_grad_guard();
         for (set, ema) in &self.ema {
             for (e, o) in ema.iter().zip(&self.online[set]) {
-                for (e, o) in [(&e.a, &o.a), (&e.b, &o.b)] {
+                for (e, o) in e.tensors().zip(o.tensors()) {
                     let mut e = e.shallow_clone();
                     let _ = e.g_mul_scalar_(decay);
                     let _ = e.g_add_(&(o.detach() * (1.0 - decay)));
@@ -714,18 +770,75 @@ impl Adapter for Lora {
         true
     }
 
-    fn linear_delta(&self, site: &str, x: &Tensor, sel: &TokenSelection) -> Result<Option<Tensor>> {
+    fn linear_delta(
+        &self,
+        site: &str,
+        x: &Tensor,
+        base: &LinearBase<'_>,
+        sel: &TokenSelection,
+    ) -> Result<Option<Tensor>> {
         let Some(&k) = self.index.get(site) else {
             return Ok(None);
         };
         let pair = &self.set_of(sel)?[k];
         let s = &self.layout.sites[k];
         let mut h = x.to_kind(Kind::Float);
-        if self.layout.dropout > 0.0 && !sel.ema && grad_enabled() {
+        let dropped = self.layout.dropout > 0.0 && !sel.ema && grad_enabled();
+        if dropped {
             h = h.dropout(self.layout.dropout, true);
         }
-        let d = h.matmul(&pair.a.tr()).matmul(&pair.b.tr()) * s.scale;
+        let lora = h.matmul(&pair.a.tr()).matmul(&pair.b.tr());
+        let Some(m) = &pair.m else {
+            return Ok(Some((lora * s.scale).to_kind(x.kind())));
+        };
+        self.check_ready()?;
+        // PEFT's DoraLinearLayer.forward: the row norm of W + s B A is a constant to autograd.
+        let w = base.weight.detach().to_kind(Kind::Float);
+        let norm = (&w + pair.b.matmul(&pair.a).detach() * s.scale).linalg_norm(
+            2.0,
+            &[1i64][..],
+            false,
+            None::<Kind>,
+        );
+        let mag_scale = m / norm;
+        // The frozen layer's output without its bias, on the same (dropped-out) input.
+        let frozen = if dropped {
+            h.matmul(&w.tr())
+        } else {
+            let out = base.output.to_kind(Kind::Float);
+            match base.bias {
+                Some(b) => out - b.to_kind(Kind::Float),
+                None => out,
+            }
+        };
+        let d = (&mag_scale - 1.0) * frozen + &mag_scale * lora * s.scale;
         Ok(Some(d.to_kind(x.kind())))
+    }
+
+    fn bind_weights(&mut self, weights: &tch::nn::VarStore) -> Result<()> {
+        if !self.layout.dora {
+            return Ok(());
+        }
+        let vars = weights.variables();
+        let _g = tch::no_grad_guard();
+        for pairs in self.online.values().chain(self.ema.values()) {
+            for (s, p) in self.layout.sites.iter().zip(pairs) {
+                let key = format!("{}.weight", s.site.name);
+                let w = vars
+                    .get(&key)
+                    .ok_or_else(|| Error::tensor(&key, "DoRA: no such frozen weight"))?;
+                let norm =
+                    w.to_kind(Kind::Float)
+                        .linalg_norm(2.0, &[1i64][..], false, None::<Kind>);
+                let mut m =
+                    p.m.as_ref()
+                        .expect("DoRA pairs hold a magnitude")
+                        .shallow_clone();
+                m.copy_(&norm.to_device(m.device()));
+            }
+        }
+        self.magnitudes_ready = true;
+        Ok(())
     }
 
     fn export(&self, dir: &Path) -> Result<()> {
