@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde::de::DeserializeOwned;
 use softalign_core::catalogue::{self, PluginKind};
 use softalign_core::plugin::{
-    AdapterSpec, BackboneSpec, DatasetSpec, DetectorSpec, ObjectiveSpec, SamplerSpec,
+    AdapterSpec, BackboneSpec, DatasetSpec, DetectorSpec, ObjectiveSpec, RewardSpec, SamplerSpec,
 };
 
 /// typetag lists every registered name in its unknown-variant error.
@@ -43,6 +43,7 @@ fn registry(kind: PluginKind) -> BTreeSet<String> {
         PluginKind::Sampler => typetag_names::<dyn SamplerSpec>(),
         PluginKind::Dataset => typetag_names::<dyn DatasetSpec>(),
         PluginKind::Detector => typetag_names::<dyn DetectorSpec>(),
+        PluginKind::Reward => typetag_names::<dyn RewardSpec>(),
     }
 }
 
@@ -77,6 +78,9 @@ fn catalogue_and_typetag_agree() {
     assert!(catalogue::find(PluginKind::Dataset, "tensor_file").is_some());
     assert!(catalogue::find(PluginKind::Detector, "yolov8").is_some());
     assert!(catalogue::find(PluginKind::Objective, "counting").is_some());
+    assert!(catalogue::find(PluginKind::Objective, "diffusion_dpo").is_some());
+    assert!(catalogue::find(PluginKind::Dataset, "preference_pairs").is_some());
+    assert!(catalogue::find(PluginKind::Reward, "shapes_scorer").is_some());
 }
 
 fn parse_example<T: ?Sized>(kind: PluginKind, name: &str, example: &str)
@@ -115,6 +119,7 @@ fn every_example_parses() {
             PluginKind::Sampler => parse_example::<dyn SamplerSpec>(e.kind, e.name, e.example),
             PluginKind::Dataset => parse_example::<dyn DatasetSpec>(e.kind, e.name, e.example),
             PluginKind::Detector => parse_example::<dyn DetectorSpec>(e.kind, e.name, e.example),
+            PluginKind::Reward => parse_example::<dyn RewardSpec>(e.kind, e.name, e.example),
         }
     }
 }

@@ -234,6 +234,7 @@ fn case_inputs(case: &str, captions: &[String]) -> StepInputs {
         noise,
         timestep,
         captions: Some(captions.to_vec()),
+        preference_pairs: false,
     }
 }
 

@@ -567,3 +567,261 @@ fn unet_recipes_pass_check() {
         assert_eq!(got, &want, "{recipe}: sites");
     }
 }
+
+/// Every variable of a loaded model, by name.
+fn variables(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables().into_iter().collect()
+}
+
+fn assert_bitwise_equal(kind: &str, a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{kind}: the two loads have other variables"
+    );
+    for (name, x) in a {
+        assert!(
+            x.equal(&b[name]),
+            "{kind}: `{name}` differs between .bin and safetensors"
+        );
+    }
+    println!("{kind}: {} tensors equal bit for bit", a.len());
+}
+
+#[test]
+fn bin_model_folders_load_equal_to_their_safetensors_twins_and_code_is_refused() {
+    use softalign_backbones::{clip::TextEncoder, sd3::Sd3Spec, t5::T5Encoder, vae::AutoencoderKl};
+    let dir = common::python_fixture("bin_folders.py");
+    let d = |kind: &str, form: &str| dir.path().join(kind).join(form);
+    let dev = tch::Device::Cpu;
+    let kind = Kind::Float;
+    let load_backbone = |b: Box<dyn Backbone>| variables(b.var_store());
+    // Each model kind's own loader, given the folder as a user would give it.
+    type Loader<'a> = Box<dyn Fn(PathBuf) -> BTreeMap<String, Tensor> + 'a>;
+    let loads: [(&str, Loader); 5] = [
+        (
+            "unet",
+            Box::new(|p| load_backbone(build(UNetSpec::from_path(p)))),
+        ),
+        (
+            "sd3 (sharded .bin)",
+            Box::new(|p| {
+                load_backbone(
+                    Sd3Spec::from_path(p)
+                        .build(&BuildContext::cpu("."))
+                        .unwrap(),
+                )
+            }),
+        ),
+        (
+            "vae",
+            Box::new(|p| variables(AutoencoderKl::load(p, dev, kind).unwrap().vs())),
+        ),
+        (
+            "clip",
+            Box::new(|p| variables(TextEncoder::load(p, dev, kind).unwrap().vs())),
+        ),
+        (
+            "t5",
+            Box::new(|p| variables(T5Encoder::load(p, dev, kind).unwrap().vs())),
+        ),
+    ];
+    for (name, load) in &loads {
+        let folder = name.split(' ').next().unwrap();
+        assert_bitwise_equal(name, &load(d(folder, "bin")), &load(d(folder, "safe")));
+    }
+
+    // A pickle that would run code is refused before anything is built from it, by name.
+    let evil = dir.path().join("evil");
+    let err = UNetSpec::from_path(&evil)
+        .build(&BuildContext::cpu("."))
+        .err()
+        .expect("the evil pickle must be refused")
+        .to_string();
+    println!("evil pickle: {err}");
+    assert!(
+        err.contains("diffusion_pytorch_model.bin")
+            && err.contains("system")
+            && err.contains("refusing"),
+        "{err}"
+    );
+
+    // As strict as safetensors: a missing and a stray tensor are named, with the file.
+    let err = UNetSpec::from_path(dir.path().join("strict"))
+        .build(&BuildContext::cpu("."))
+        .err()
+        .expect("a pickle missing a tensor must be refused")
+        .to_string();
+    println!("mismatched pickle: {err}");
+    for needle in [
+        "conv_out.bias",
+        "stray.weight",
+        "diffusion_pytorch_model.bin",
+    ] {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+}
+
+/// DiffusionDPO's train.py loss (tests/python/unet_fixtures.py `diffusion_dpo_reference`): soft
+/// tokens on the SD1.5-like UNet as the policy, the same UNet with the adapters off as the
+/// reference, two preference pairs sharing t and noise; the loss, the implicit accuracy, the
+/// logged MSEs, the gradient reaching the tokens, and the --sft loss.
+#[test]
+fn diffusion_dpo_loss_matches_diffusion_dpo_train_py() {
+    use softalign_core::objective::Objective;
+    use softalign_core::plugin::ObjectiveSpec;
+    use softalign_objectives::diffusion_dpo::DiffusionDpoSpec;
+    use softalign_objectives::{evaluate, StepInputs, StepOptions};
+
+    let want = &fixtures().manifest["dpo"];
+    let io = io("dpo_loss");
+    let bb = load("sd15");
+    let adapters = vec![tokens_adapter(bb.as_ref(), &io, "inject_sd15")];
+    let run = |sft: bool| {
+        let spec = DiffusionDpoSpec {
+            weight: 1.0,
+            beta: want["beta"].as_f64().unwrap(),
+            sft,
+            tokens: None,
+        };
+        let objectives: Vec<Box<dyn Objective>> = vec![spec.build().unwrap()];
+        for (_, t) in adapters[0].trainable() {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let inputs = StepInputs {
+            x0: io["x0"].shallow_clone(),
+            cond: cond(&io),
+            noise: io["noise"].shallow_clone(),
+            timestep: io["timestep"].shallow_clone(),
+            captions: None,
+            preference_pairs: true,
+        };
+        let opts = StepOptions {
+            pairs_per_forward: None,
+            backward: Some(1.0),
+        };
+        evaluate(bb.as_ref(), Some(&adapters), &objectives, inputs, &opts).expect("dpo step")
+    };
+    let r = run(false);
+    let term = |name: &str| r.terms.iter().find(|(n, _)| n == name).unwrap().1;
+    let mut worst: f64 = 0.0;
+    for (name, key) in [
+        ("diffusion_dpo", "loss"),
+        ("diffusion_dpo_implicit_acc", "implicit_acc"),
+        ("diffusion_dpo_model_mse", "model_mse"),
+        ("diffusion_dpo_ref_mse", "ref_mse"),
+    ] {
+        let err = (term(name) - want[key].as_f64().unwrap()).abs();
+        println!(
+            "diffusion_dpo `{name}`: {:.6} vs train.py {:.6} (abs error {err:.2e})",
+            term(name),
+            want[key]
+        );
+        worst = worst.max(err);
+    }
+    assert!(
+        worst <= 1e-5,
+        "diffusion_dpo differs from train.py by {worst:e}"
+    );
+    let (_, tokens) = &adapters[0].trainable()[0];
+    let grad_err = max_err(&tokens.grad(), &io["tokens_grad"]);
+    let grad_scale = io["tokens_grad"].abs().max().double_value(&[]);
+    println!(
+        "diffusion_dpo token gradient: max abs error {grad_err:.2e} (max |grad| {grad_scale:.3e})"
+    );
+    assert!(
+        grad_err <= 1e-5 * grad_scale.max(1.0),
+        "gradient error {grad_err:e}"
+    );
+
+    let sft = run(true);
+    let err = (sft.total - want["sft"].as_f64().unwrap()).abs();
+    println!("diffusion_dpo sft: abs error {err:.2e}");
+    assert!(err <= 1e-5, "sft loss error {err:e}");
+}
+
+/// DDPO's per-step log-probability against ddpo-pytorch's `ddim_step_with_logprob` formula
+/// (tests/python/unet_fixtures.py `ddpo_step_with_logprob`): per-sample timesteps including the
+/// last step, eta 1 and 0.4, epsilon and v-prediction, clip_sample.
+#[test]
+fn ddim_log_prob_matches_ddpo_pytorch() {
+    let io = io("ddim_log_prob");
+    let mut worst: f64 = 0.0;
+    let rel = |a: &Tensor, b: &Tensor| {
+        let scale = b.abs().to_kind(Kind::Double).clamp_min(1.0);
+        ((a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs() / scale)
+            .max()
+            .double_value(&[])
+    };
+    for (k, c) in fixtures().manifest["ddim_log_prob"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let mut spec = ddim_spec(&serde_json::json!({
+            "spacing": "leading", "steps": c["steps"], "eta": c["eta"], "offset": c["offset"],
+            "alpha_one": c["alpha_one"], "clip": c["clip"],
+        }));
+        spec.num_train_timesteps = 1000;
+        let ddim = Ddim::new(&spec).unwrap();
+        let pred = match c["pred"].as_str().unwrap() {
+            "epsilon" => Prediction::Epsilon,
+            _ => Prediction::VPrediction,
+        };
+        let t: Vec<i64> = c["t"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        let get = |n: &str| io[&format!("{k}.{n}")].shallow_clone();
+        let mo = get("model_output").set_requires_grad(true);
+        for (prev, want) in [("given", "log_prob_given"), ("drawn", "log_prob_drawn")] {
+            let r = ddim
+                .step_with_log_prob(&mo, &t, &get("sample"), pred, Some(&get(prev)))
+                .unwrap();
+            let e = rel(&r.log_prob, &get(want)).max(max_err(&r.mean, &get("mean")));
+            println!("ddim log-prob config {k} ({prev}): max relative error {e:.2e}");
+            assert!(e <= 1e-5, "config {k} {prev}: {e:e}");
+            assert!(
+                r.log_prob.requires_grad(),
+                "the log-prob must carry the model's graph"
+            );
+            worst = worst.max(e);
+        }
+        // Sampling then scoring the drawn sample gives the same density.
+        let drawn = ddim
+            .step_with_log_prob(&mo, &t, &get("sample"), pred, None)
+            .unwrap();
+        let rescored = ddim
+            .step_with_log_prob(&mo, &t, &get("sample"), pred, Some(&drawn.prev_sample))
+            .unwrap();
+        assert!(max_err(&drawn.log_prob, &rescored.log_prob) <= 1e-6);
+    }
+    println!("DDIM log-prob vs ddpo-pytorch: max relative error {worst:.3e}");
+    // t = 0 has no noise under ddpo's clamp, and eta 0 none at all: errors, not NaN.
+    let mut spec = DdimSpec {
+        steps: 20,
+        eta: 1.0,
+        steps_offset: 0,
+        ..DdimSpec::default()
+    };
+    let x = Tensor::zeros([1, 4, 2, 2], (Kind::Float, tch::Device::Cpu));
+    let ddim = Ddim::new(&spec).unwrap();
+    let e = ddim
+        .step_with_log_prob(&x, &[0], &x, Prediction::Epsilon, Some(&x))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("adds no noise"), "{e}");
+    spec.eta = 0.0;
+    let e = Ddim::new(&spec)
+        .unwrap()
+        .step_with_log_prob(&x, &[500], &x, Prediction::Epsilon, Some(&x))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("deterministic"), "{e}");
+}

@@ -11,5 +11,6 @@ pub mod shapes;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+pub mod weight_file;
 pub mod weights;
 pub mod yolov8;

@@ -1,21 +1,24 @@
-//! Strict loading of diffusers-style safetensors checkpoints into a `VarStore`.
+//! Strict loading of diffusers / transformers checkpoints (safetensors, or torch pickles where a
+//! folder ships nothing else) into a `VarStore`.
 //!
 //! Every model variable must come from the checkpoint and every checkpoint tensor must be
 //! used (tch's `VarStore::load` fills missing variables with nothing and ignores extras), unless
-//! an explicit allow-list says otherwise. Files are memory-mapped and copied tensor by tensor
-//! straight into the variables, converting to the variable's dtype on the way.
+//! an explicit allow-list says otherwise. Safetensors files are memory-mapped and copied tensor
+//! by tensor straight into the variables, converting to the variable's dtype on the way.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use softalign_core::tensors::MappedSafetensors;
 use softalign_core::{Error, Result};
 use tch::nn::VarStore;
+
+use crate::weight_file::WeightFile;
 
 /// The weight files of a diffusers model folder: `{stem}.safetensors`, or the shards listed in
 /// `{stem}.safetensors.index.json`; else one precision variant as diffusers saves it with
 /// `variant = "fp16"` (`{stem}.fp16.safetensors`, or `{stem}.safetensors.index.fp16.json`
 /// and its shards). Values are cast to the dtype asked for, so which variant only matters
-/// when there are several: that is an error naming them.
+/// when there are several: that is an error naming them. Without any safetensors, the torch
+/// pickle `{pickle stem}.bin` or the shards of its `.bin.index.json` (see [`pickle_stem`]).
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     let single = dir.join(format!("{stem}.safetensors"));
     if single.is_file() {
@@ -29,13 +32,7 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     match variants.as_slice() {
         [(_, Variant::Single(p))] => Ok(vec![p.clone()]),
         [(_, Variant::Index(p))] => index_files(dir, p),
-        [] => Err(Error::file(
-            dir,
-            format!(
-                "holds neither {stem}.safetensors nor {stem}.safetensors.index.json (nor a \
-                 variant such as {stem}.fp16.safetensors)"
-            ),
-        )),
+        [] => pickle_files(dir, stem),
         many => Err(Error::file(
             dir,
             format!(
@@ -47,6 +44,38 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             ),
         )),
     }
+}
+
+/// The stem of the pickled twin of `{stem}.safetensors`: transformers names its pickles
+/// `pytorch_model.bin` beside `model.safetensors`; diffusers keeps the stem
+/// (`diffusion_pytorch_model.bin`).
+pub fn pickle_stem(stem: &str) -> String {
+    if stem == "model" {
+        "pytorch_model".to_string()
+    } else {
+        stem.to_string()
+    }
+}
+
+/// `{pickle stem}.bin`, or the shards its `.bin.index.json` lists.
+fn pickle_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let pstem = pickle_stem(stem);
+    let single = dir.join(format!("{pstem}.bin"));
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(format!("{pstem}.bin.index.json"));
+    if index.is_file() {
+        return index_files(dir, &index);
+    }
+    Err(Error::file(
+        dir,
+        format!(
+            "holds neither {stem}.safetensors nor {stem}.safetensors.index.json (nor a variant \
+             such as {stem}.fp16.safetensors, nor a torch pickle {pstem}.bin or \
+             {pstem}.bin.index.json)"
+        ),
+    ))
 }
 
 enum Variant {
@@ -196,13 +225,25 @@ fn list(names: &[String]) -> String {
     }
 }
 
-/// Copies the tensors of `files` into the variables of `vs` (names as in the files), after
-/// checking that the names and shapes agree. Nothing is copied when any check fails.
+/// Copies the tensors of `files` (safetensors or torch pickles) into the variables of `vs`
+/// (names as in the files), after checking that the names and shapes agree. Nothing is copied
+/// when any check fails.
 pub fn load_strict(vs: &VarStore, files: &[PathBuf], allow: &AllowList) -> Result<LoadReport> {
-    let mut maps = Vec::with_capacity(files.len());
-    for f in files {
-        maps.push(MappedSafetensors::open(f)?);
-    }
+    let opened = open_all(files)?;
+    load_strict_opened(vs, &opened, allow)
+}
+
+/// Opens every weight file (a pickle is read whole here, once).
+pub fn open_all(files: &[PathBuf]) -> Result<Vec<WeightFile>> {
+    files.iter().map(WeightFile::open).collect()
+}
+
+/// [`load_strict`] on files already opened (a loader that first looks at the names).
+pub fn load_strict_opened(
+    vs: &VarStore,
+    maps: &[WeightFile],
+    allow: &AllowList,
+) -> Result<LoadReport> {
     let mut source: BTreeMap<String, usize> = BTreeMap::new();
     for (k, m) in maps.iter().enumerate() {
         for n in m.names() {
@@ -250,9 +291,9 @@ pub fn load_strict(vs: &VarStore, files: &[PathBuf], allow: &AllowList) -> Resul
         }
     }
     let where_ = list(
-        &files
+        &maps
             .iter()
-            .map(|f| f.display().to_string())
+            .map(|f| f.path().display().to_string())
             .collect::<Vec<_>>(),
     );
     if !missing.is_empty() || !unused.is_empty() {
@@ -282,7 +323,7 @@ pub fn load_strict(vs: &VarStore, files: &[PathBuf], allow: &AllowList) -> Resul
         let src = maps[*k].tensor(name)?;
         let mut dst = vars[name].shallow_clone();
         dst.f_copy_(&src.to_device(dst.device()).to_kind(dst.kind()))
-            .map_err(|e| Error::tensor(name, e))?;
+            .map_err(|e| Error::file(maps[*k].path(), format!("tensor `{name}`: {e}")))?;
     }
     Ok(LoadReport {
         loaded: plan.len(),

@@ -12,16 +12,18 @@ pub enum PluginKind {
     Sampler,
     Dataset,
     Detector,
+    Reward,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 6] = [
+    pub const ALL: [PluginKind; 7] = [
         PluginKind::Backbone,
         PluginKind::Adapter,
         PluginKind::Objective,
         PluginKind::Sampler,
         PluginKind::Dataset,
         PluginKind::Detector,
+        PluginKind::Reward,
     ];
     /// The recipe table that holds this kind (`[backbone]`, `[[adapter]]`, ...).
     pub fn table(self) -> &'static str {
@@ -33,6 +35,7 @@ impl PluginKind {
             PluginKind::Dataset => "data",
             // Nested in the objectives that use one: `detector = { type = "yolov8", ... }`.
             PluginKind::Detector => "detector",
+            PluginKind::Reward => "reward",
         }
     }
 }

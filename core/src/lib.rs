@@ -1,6 +1,6 @@
 //! softalign-core: the vocabulary every other crate speaks. Traits (Backbone, Adapter,
-//! Objective, Sampler, Dataset, Detector, MetricsSink), the plugin catalogue, recipes, the soft-token
-//! adapter, the trainer and logging. It knows no concrete model.
+//! Objective, Sampler, Dataset, Detector, Reward, MetricsSink), the plugin catalogue, recipes,
+//! the soft-token adapter, the trainer and logging. It knows no concrete model.
 pub mod adapter;
 pub mod backbone;
 pub mod cache;
@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod objective;
 pub mod plugin;
 pub mod recipe;
+pub mod reward;
 pub mod sampler;
 pub mod site;
 pub mod tensors;

@@ -60,6 +60,11 @@ pub trait StepView {
     /// Samples to RGB images in [-1, 1] through the backbone's decoder (its VAE, or the pixel
     /// codec), keeping the graph.
     fn decode(&self, samples: &Tensor) -> Result<Tensor>;
+    /// Whether the images are preference pairs: image i (< B/2) preferred over image i + B/2,
+    /// both with the same prompt, timestep and noise (`Batch::preference_pairs`).
+    fn preference_pairs(&self) -> bool {
+        false
+    }
 }
 
 /// A named scalar a loss reports.

@@ -13,6 +13,7 @@ use crate::dataset::Dataset;
 use crate::detector::Detector;
 use crate::dtype::DType;
 use crate::objective::Objective;
+use crate::reward::Reward;
 use crate::sampler::Sampler;
 use crate::Result;
 
@@ -123,6 +124,14 @@ pub trait DetectorSpec: Debug + Send + Sync {
     /// The files the detector reads, checked without loading weights.
     fn check_files(&self, ctx: &BuildContext) -> Result<()>;
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Detector>>;
+}
+
+/// A reward for RL fine-tuning (`[reward]`): one score per generated image.
+#[typetag::serde(tag = "type")]
+pub trait RewardSpec: Debug + Send + Sync {
+    /// What the reward reads (a model file), checked without loading it.
+    fn validate(&self, ctx: &BuildContext) -> Result<()>;
+    fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Reward>>;
 }
 
 #[typetag::serde(tag = "type")]

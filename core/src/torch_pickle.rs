@@ -210,7 +210,7 @@ pub fn read_tensors_allowing(path: &Path, allowed: Option<&[&str]>) -> anyhow::R
                 if !allowed.contains(&full.as_str()) {
                     bail!(
                         "{}: the pickle names the global `{full}`, which torch.load would import \
-                         and may run; refusing it (a LoRA .bin holds only tensors)",
+                         and may run; refusing it (a weights file holds only tensors)",
                         path.display()
                     );
                 }

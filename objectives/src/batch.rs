@@ -66,5 +66,6 @@ pub fn read_batch(path: &Path, backbone: &BackboneInfo, device: Device) -> Resul
         noise: noise.to_kind(Kind::Float).to_device(device),
         timestep: timestep.to_kind(Kind::Float).reshape([1]).to_device(device),
         captions: None,
+        preference_pairs: false,
     })
 }

@@ -123,10 +123,7 @@ impl ObjectiveSpec for ContrastiveSpec {
         self.validate()?;
         Ok(Box::new(Contrastive {
             spec: self.clone(),
-            sel: TokenSelection {
-                set: self.tokens.clone(),
-                ema: false,
-            },
+            sel: TokenSelection::new(self.tokens.clone(), false),
             underflow: UnderflowWatch::default(),
         }))
     }

@@ -173,10 +173,7 @@ impl Counting {
             max_timestep: spec.max_timestep,
             nms,
             count,
-            sel: TokenSelection {
-                set: spec.tokens.clone(),
-                ema: false,
-            },
+            sel: TokenSelection::new(spec.tokens.clone(), false),
             parser: CaptionCounter::new(detector.class_names()),
             detector,
         }

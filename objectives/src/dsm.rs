@@ -48,10 +48,7 @@ impl ObjectiveSpec for DsmSpec {
         self.validate()?;
         Ok(Box::new(Dsm {
             weight: self.weight,
-            sel: TokenSelection {
-                set: self.tokens.clone(),
-                ema: false,
-            },
+            sel: TokenSelection::new(self.tokens.clone(), false),
         }))
     }
 }

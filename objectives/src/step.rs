@@ -29,6 +29,8 @@ pub struct StepInputs {
     pub timestep: Tensor,
     /// The captions as text, where the data gives them (objectives that read captions).
     pub captions: Option<Vec<String>>,
+    /// Image i (< B/2) preferred over image i + B/2; both share caption, timestep and noise.
+    pub preference_pairs: bool,
 }
 
 /// How a step is run.
@@ -71,6 +73,7 @@ pub struct StepContext<'a> {
     target: Tensor,
     cond: Conditioning,
     captions: Option<Vec<String>>,
+    preference_pairs: bool,
     groups: BTreeMap<(TokenSelection, bool), Group>,
     forwards: Cell<usize>,
 }
@@ -137,6 +140,9 @@ impl<'a> StepContext<'a> {
                 )));
             }
         }
+        if inputs.preference_pairs {
+            check_pairs_share_t_and_noise(b, &t, &noise)?;
+        }
         let np = backbone.noise();
         let x_t = np.add_noise(&x0, &noise, &t);
         let target = np.target(&x0, &noise, &t);
@@ -151,6 +157,7 @@ impl<'a> StepContext<'a> {
             target,
             cond: inputs.cond,
             captions: inputs.captions,
+            preference_pairs: inputs.preference_pairs,
             groups: BTreeMap::new(),
             forwards: Cell::new(0),
         })
@@ -167,6 +174,9 @@ impl<'a> StepContext<'a> {
         let Some(adapters) = self.adapters else {
             return (TokenSelection::default(), grad);
         };
+        if sel.adapters_off {
+            return (TokenSelection::adapters_off(), grad);
+        }
         let mut sel = sel.clone();
         if sel.set.is_none() {
             let firsts: Vec<Option<String>> = adapters
@@ -215,10 +225,13 @@ impl<'a> StepContext<'a> {
         let x_t = self.x_t.index_select(0, &img);
         let t = self.t.index_select(0, &img);
         let cond = self.cond.index_select(&cap);
-        let injection = self.adapters.map(|adapters| Injection {
-            adapters,
-            selection: sel.clone(),
-        });
+        let injection = self
+            .adapters
+            .filter(|_| !sel.adapters_off)
+            .map(|adapters| Injection {
+                adapters,
+                selection: sel.clone(),
+            });
         let hook = injection.as_ref().map(|h| h as &dyn SiteHook);
         self.forwards.set(self.forwards.get() + 1);
         let out = self.backbone.forward(&x_t, &t, &cond, hook)?;
@@ -439,4 +452,26 @@ impl StepView for StepContext<'_> {
     fn decode(&self, samples: &Tensor) -> Result<Tensor> {
         self.backbone.decode(samples)
     }
+    fn preference_pairs(&self) -> bool {
+        self.preference_pairs
+    }
+}
+
+/// Preference pairs (image i and i + B/2) must be noised alike, or the loss compares the
+/// two images at different noise levels instead of the model's preference.
+fn check_pairs_share_t_and_noise(b: i64, t: &Tensor, noise: &Tensor) -> Result<()> {
+    if b % 2 != 0 {
+        return Err(Error::invalid(format!(
+            "a batch of preference pairs holds an even number of images, not {b}"
+        )));
+    }
+    let n = b / 2;
+    let same = |x: &Tensor| x.narrow(0, 0, n).equal(&x.narrow(0, n, n));
+    if !same(t) || !same(noise) {
+        return Err(Error::invalid(
+            "preference pairs: the preferred and rejected image of a pair must share their \
+             timestep and noise",
+        ));
+    }
+    Ok(())
 }

@@ -52,9 +52,16 @@ impl ObjectiveTask {
         config: TrainConfig,
     ) -> Result<Self> {
         let b = config.images_per_step;
-        if (dataset.len() as i64) < b {
+        let per = dataset.images_per_sample() as i64;
+        if b % per != 0 {
             return Err(Error::Recipe(format!(
-                "train.images_per_step = {b} but the dataset holds {} samples",
+                "train.images_per_step = {b} must be a multiple of {per}: each sample of the \
+                 dataset gives {per} images (a preferred and a rejected one)"
+            )));
+        }
+        if (dataset.len() as i64) * per < b {
+            return Err(Error::Recipe(format!(
+                "train.images_per_step = {b} but the dataset holds {} samples of {per} image(s)",
                 dataset.len()
             )));
         }
@@ -117,8 +124,9 @@ impl ObjectiveTask {
     pub fn draw_inputs(&self) -> Result<StepInputs> {
         let dev = self.backbone.device();
         let b = self.config.images_per_step;
+        let samples = b / self.dataset.images_per_sample() as i64;
         let perm = Tensor::randperm(self.dataset.len() as i64, (Kind::Int64, tch::Device::Cpu));
-        let idx: Vec<i64> = perm.narrow(0, 0, b).try_into()?;
+        let idx: Vec<i64> = perm.narrow(0, 0, samples).try_into()?;
         let idx: Vec<usize> = idx.into_iter().map(|i| i as usize).collect();
         let mut batch = self.dataset.batch(&idx, dev)?;
         let mut texts = batch.texts.take();
@@ -131,24 +139,36 @@ impl ObjectiveTask {
             let _guard = tch::no_grad_guard();
             batch.x0 = self.backbone.encode_images(&batch.x0)?;
         }
+        // Preference pairs draw for the first half and repeat it (DiffusionDPO's train.py),
+        // so both images of a pair share t and eps.
+        let pairs = batch.preference_pairs;
+        let drawn = if pairs { b / 2 } else { b };
         let n_t = if self.config.per_image_timesteps {
-            b
+            drawn
         } else {
             1
         };
-        let timestep = self.backbone.noise().sample_timesteps(n_t, dev);
-        let s = batch.x0.size();
-        let noise = if self.config.per_image_noise {
+        let mut timestep = self.backbone.noise().sample_timesteps(n_t, dev);
+        let mut s = batch.x0.size();
+        let mut noise = if self.config.per_image_noise {
+            s[0] = drawn;
             Tensor::randn(&s, (Kind::Float, dev))
         } else {
             Tensor::randn(&s[1..], (Kind::Float, dev))
         };
+        if pairs && self.config.per_image_timesteps {
+            timestep = Tensor::cat(&[&timestep, &timestep], 0);
+        }
+        if pairs && self.config.per_image_noise {
+            noise = Tensor::cat(&[&noise, &noise], 0);
+        }
         Ok(StepInputs {
             x0: batch.x0,
             cond: batch.cond,
             noise,
             timestep,
             captions: texts,
+            preference_pairs: pairs,
         })
     }
 

@@ -18,6 +18,7 @@ fn shallow(inputs: &StepInputs) -> StepInputs {
         noise: inputs.noise.shallow_clone(),
         timestep: inputs.timestep.shallow_clone(),
         captions: inputs.captions.clone(),
+        preference_pairs: inputs.preference_pairs,
     }
 }
 

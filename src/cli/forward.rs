@@ -15,8 +15,8 @@ use tch::Kind;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// An SD3 transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
-    /// pipeline folder holding `transformer/`; or a UNet folder / SD1.x-SDXL pipeline folder;
+    /// An SD3 transformer folder (config.json + diffusion_pytorch_model*.safetensors, or .bin)
+    /// or a pipeline folder holding `transformer/`; or a UNet folder / SD1.x-SDXL pipeline folder;
     /// or a transformers text-encoder folder (CLIP, T5: `input_ids` -> `last_hidden_state`,
     /// `hidden_states.N`, `pooler_output`, `text_embeds`), or an AutoencoderKL folder
     /// (`sample` -> `latent_dist.mean`, `latent_dist.std`; `latents` -> `sample`).
@@ -127,10 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let inj = Injection {
         adapters: &adapters,
-        selection: TokenSelection {
-            set: a.token_set.clone(),
-            ema: false,
-        },
+        selection: TokenSelection::new(a.token_set.clone(), false),
     };
     let hook = (!adapters.is_empty()).then_some(&inj as &dyn SiteHook);
     let _guard = tch::no_grad_guard();

@@ -207,10 +207,7 @@ impl Model {
                     path.display()
                 );
             }
-            selection = Some(TokenSelection {
-                set: Some(set),
-                ema: a.ema,
-            });
+            selection = Some(TokenSelection::new(Some(set), a.ema));
             adapters.push(ad);
         } else if a.token_set.is_some() || a.ema {
             bail!("--token-set and --ema need an --adapter");

@@ -3,11 +3,13 @@ SDXL-like, SD2-like v-prediction pipeline, a second "Diffusion-DPO" UNet for the
 their outputs on fixed inputs with a different timestep per sample, a reference of SoftREPA's
 token insertion after BOS per block group (forward pre-hooks that rewrite the
 encoder_hidden_states each block group receives), DDIMScheduler timesteps and step outputs,
-and DDPM add_noise / get_velocity.
+DDPM add_noise / get_velocity, DiffusionDPO's loss (train.py) with soft tokens as the
+policy and the bare UNet as the reference, and DDPO's per-step DDIM log-probabilities.
 
 usage: unet_fixtures.py OUT_DIR
 """
 import json
+import math
 import os
 import sys
 
@@ -240,8 +242,139 @@ def main(out):
     io["ddpm.alphas_cumprod"] = ddpm.alphas_cumprod
     save(os.path.join(out, "schedulers"), io)
     manifest["ddim"] = ddim
+    manifest["dpo"] = diffusion_dpo_reference(out, models["sd15"])
+    manifest["ddim_log_prob"] = ddim_log_prob_reference(out)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+
+
+def tokens_forward(model, inp, tokens):
+    """`injected` for the SD1.5-like case (tokens after BOS in the down group, no time table),
+    keeping the graph so the gradient reaches the tokens."""
+    b = inp["sample"].shape[0]
+    ctx = after_bos(inp["encoder_hidden_states"], tokens[0].unsqueeze(0).expand(b, -1, -1))
+
+    def hook(_module, args, kwargs):
+        kwargs = dict(kwargs)
+        kwargs["encoder_hidden_states"] = ctx
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.down_blocks]
+    try:
+        return model(inp["sample"], inp["timestep"], inp["encoder_hidden_states"], return_dict=False)[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def diffusion_dpo_reference(out, model):
+    """DiffusionDPO train.py's loss (lines 1014-1145) on the SD1.5-like UNet: two pairs, winner
+    and loser sharing t and noise (drawn for the first half and repeated), the policy = the
+    UNet with soft tokens, the reference = the same UNet without them; and the --sft loss."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(2023)
+    n = 2
+    x0 = torch.randn(2 * n, 4, 8, 8, generator=g)
+    noise = torch.randn(n, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)
+    timesteps = torch.tensor([120, 730]).repeat(2)
+    ehs = torch.randn(n, TEXT_LEN, CROSS, generator=g).repeat(2, 1, 1)
+    tokens = (torch.randn(1, 3, CROSS, generator=g) * 0.7).requires_grad_(True)
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    noisy = sched.add_noise(x0, noise, timesteps)
+    target = noise  # epsilon prediction
+    inp = {"sample": noisy, "timestep": timesteps.float(), "encoder_hidden_states": ehs}
+
+    model_pred = tokens_forward(model, inp, tokens)
+    model_losses = (model_pred - target).pow(2).mean(dim=[1, 2, 3])
+    model_losses_w, model_losses_l = model_losses.chunk(2)
+    raw_model_loss = 0.5 * (model_losses_w.mean() + model_losses_l.mean())
+    model_diff = model_losses_w - model_losses_l
+    with torch.no_grad():
+        ref_pred = model(noisy, timesteps.float(), ehs, return_dict=False)[0].detach()
+        ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
+        ref_diff = ref_losses_w - ref_losses_l
+        raw_ref_loss = ref_losses.mean()
+    # beta so that the logits are of order one here (5000 saturates on a random tiny UNet).
+    beta = float(1.5 / (model_diff - ref_diff).detach().abs().max())
+    scale_term = -0.5 * beta
+    inside_term = scale_term * (model_diff - ref_diff)
+    implicit_acc = (inside_term > 0).sum().float() / inside_term.size(0)
+    loss = -1 * F.logsigmoid(inside_term).mean()
+    (grad,) = torch.autograd.grad(loss, tokens)
+    sft = F.mse_loss(model_pred[:n].float(), target[:n].float(), reduction="mean")
+
+    save(os.path.join(out, "dpo_loss"), dict(
+        x0=x0, noise=noise, timestep=timesteps.float(), encoder_hidden_states=ehs,
+        tokens=tokens.detach(), tokens_grad=grad, inside=inside_term.detach(),
+    ))
+    return dict(beta=beta, loss=loss.item(), implicit_acc=implicit_acc.item(),
+                model_mse=raw_model_loss.item(), ref_mse=raw_ref_loss.item(), sft=sft.item())
+
+
+def ddpo_step_with_logprob(sched, model_output, timestep, sample, eta, prev_sample=None, noise=None):
+    """ddpo-pytorch's `ddim_step_with_logprob` (diffusers_patch/ddim_with_logprob.py): batched
+    timesteps, the previous timestep clamped to [0, N - 1], log N(prev; mean, std^2) averaged
+    over every non-batch dimension."""
+    cfg = sched.config
+    prev_timestep = timestep - cfg.num_train_timesteps // sched.num_inference_steps
+    prev_timestep = torch.clamp(prev_timestep, 0, cfg.num_train_timesteps - 1)
+    col = lambda v: v.reshape(v.shape + (1,) * (sample.ndim - 1)).broadcast_to(sample.shape)
+    alpha_prod_t = sched.alphas_cumprod.gather(0, timestep)
+    alpha_prod_t_prev = torch.where(prev_timestep >= 0, sched.alphas_cumprod.gather(0, prev_timestep),
+                                    sched.final_alpha_cumprod)
+    variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    alpha_prod_t, alpha_prod_t_prev = col(alpha_prod_t), col(alpha_prod_t_prev)
+    beta_prod_t = 1 - alpha_prod_t
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
+        eps = model_output
+    else:
+        x0 = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
+        eps = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    std = col(eta * variance ** 0.5)
+    mean = alpha_prod_t_prev ** 0.5 * x0 + (1 - alpha_prod_t_prev - std ** 2) ** 0.5 * eps
+    if prev_sample is None:
+        prev_sample = mean + std * noise
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - torch.log(std)
+                - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean
+
+
+def ddim_log_prob_reference(out):
+    """DDPO's per-step log-probabilities on fixed inputs: eta 1 and 0.4, per-sample timesteps
+    that include the last step (where the clamp matters with set_alpha_to_one), epsilon and
+    v-prediction, with clip_sample; scored on a given prev_sample and on one drawn from noise."""
+    g = torch.Generator().manual_seed(5)
+    configs = [
+        dict(steps=50, offset=1, alpha_one=False, eta=1.0, pred="epsilon", clip=False, t=[981, 501, 1]),
+        dict(steps=20, offset=0, alpha_one=True, eta=1.0, pred="epsilon", clip=False, t=[1, 50, 950]),
+        dict(steps=10, offset=1, alpha_one=False, eta=0.4, pred="v_prediction", clip=True, t=[901, 1, 401]),
+    ]
+    io = {}
+    for k, c in enumerate(configs):
+        sched = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=c["clip"],
+            set_alpha_to_one=c["alpha_one"], steps_offset=c["offset"], prediction_type=c["pred"],
+        )
+        sched.set_timesteps(c["steps"])
+        shape = (3, 4, 5, 5)
+        mo = torch.randn(shape, generator=g)
+        x = torch.randn(shape, generator=g) * 1.5
+        given = torch.randn(shape, generator=g)
+        noise = torch.randn(shape, generator=g)
+        t = torch.tensor(c["t"])
+        _, lp_given, mean = ddpo_step_with_logprob(sched, mo, t, x, c["eta"], prev_sample=given)
+        drawn, lp_drawn, _ = ddpo_step_with_logprob(sched, mo, t, x, c["eta"], noise=noise)
+        for name, v in (("model_output", mo), ("sample", x), ("given", given), ("noise", noise),
+                        ("log_prob_given", lp_given), ("mean", mean), ("drawn", drawn),
+                        ("log_prob_drawn", lp_drawn)):
+            io[f"{k}.{name}"] = v
+    save(os.path.join(out, "ddim_log_prob"), io)
+    return configs
 
 
 def _load(out, case):

@@ -12,7 +12,7 @@ pub mod tokenizer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use softalign_core::tensors::{save_safetensors, write_atomic, MappedSafetensors};
+use softalign_core::tensors::{save_safetensors, write_atomic};
 use softalign_core::{Error, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -21,7 +21,7 @@ pub use config::{Activation, ClipTextConfig};
 pub use model::{ClipTextTransformer, InitMode};
 pub use tokenizer::ClipTokenizer;
 
-use crate::weights::{load_strict, weight_files, AllowList};
+use crate::weights::{load_strict_opened, open_all, weight_files, AllowList};
 
 /// The module path transformers gives the text tower inside both model classes.
 pub const TOWER_PREFIX: &str = "text_model";
@@ -142,7 +142,8 @@ impl TextEncoder {
         Self::build(config, with_projection, true, device, InitMode::Random)
     }
 
-    /// Loads a transformers folder: config.json plus model.safetensors (or its sharded index).
+    /// Loads a transformers folder: config.json plus model.safetensors (or its sharded index,
+    /// or a pytorch_model.bin pickle).
     /// `kind` is the dtype the weights are kept in.
     pub fn load(dir: impl AsRef<Path>, device: Device, kind: Kind) -> Result<Self> {
         let dir = dir.as_ref();
@@ -151,19 +152,17 @@ impl TextEncoder {
         Self::load_files(&config, &files, device, kind)
     }
 
-    /// Loads safetensors files into an encoder built from `config`. The layout (prefix or not)
-    /// and the presence of `text_projection` are read from the files; every tensor must be used
-    /// and every variable filled.
+    /// Loads weight files (safetensors or torch pickles) into an encoder built from `config`.
+    /// The layout (prefix or not) and the presence of `text_projection` are read from the
+    /// files; every tensor must be used and every variable filled.
     pub fn load_files(
         config: &ClipTextConfig,
         files: &[PathBuf],
         device: Device,
         kind: Kind,
     ) -> Result<Self> {
-        let mut names = Vec::new();
-        for f in files {
-            names.extend(MappedSafetensors::open(f)?.names());
-        }
+        let opened = open_all(files)?;
+        let names: Vec<String> = opened.iter().flat_map(|f| f.names()).collect();
         let has = |n: &str| names.iter().any(|x| x == n);
         let prefixed = has(&format!("{TOWER_PREFIX}.embeddings.token_embedding.weight"));
         if !prefixed && !has("embeddings.token_embedding.weight") {
@@ -183,7 +182,16 @@ impl TextEncoder {
             InitMode::Placeholder,
         )?;
         enc.vs.set_kind(kind);
-        load_strict(&enc.vs, files, &AllowList::default())?;
+        // transformers before 4.31 saved the position ids as a buffer (old pytorch_model.bin
+        // files hold it); transformers itself ignores it on load.
+        let allow = AllowList {
+            unused: vec![
+                format!("{TOWER_PREFIX}.embeddings.position_ids"),
+                "embeddings.position_ids".into(),
+            ],
+            ..AllowList::default()
+        };
+        load_strict_opened(&enc.vs, &opened, &allow)?;
         Ok(enc)
     }
 

@@ -252,6 +252,11 @@ impl Ddim {
         })
     }
 
+    /// alphas_cumprod of the training schedule, by timestep (fp32, as diffusers keeps it).
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
     fn alpha(&self, t: i64) -> f32 {
         if t >= 0 {
             self.alphas_cumprod[t as usize]

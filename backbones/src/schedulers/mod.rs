@@ -1,5 +1,6 @@
 //! Samplers, one file per diffusers scheduler.
 pub mod ddim;
+pub mod ddim_log_prob;
 pub mod ddpm;
 pub mod flow_match_euler;
 

@@ -41,7 +41,7 @@ fn default_t5_length() -> usize {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sd3Spec {
-    /// A transformer folder (config.json + diffusion_pytorch_model*.safetensors) or a
+    /// A transformer folder (config.json + diffusion_pytorch_model*.safetensors, or .bin) or a
     /// pipeline folder with a `transformer/` subfolder; or a Hugging Face hub id
     /// (`stabilityai/stable-diffusion-3-medium-diffusers`) found in the local hub cache.
     #[serde(default)]

@@ -10,7 +10,7 @@ pub mod tokenizer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use softalign_core::tensors::{save_safetensors, write_atomic, MappedSafetensors};
+use softalign_core::tensors::{save_safetensors, write_atomic};
 use softalign_core::{Error, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -20,7 +20,7 @@ pub use model::{T5EncoderOutput, T5Stack};
 pub use tokenizer::T5Tokenizer;
 
 use crate::clip::InitMode;
-use crate::weights::{load_strict, weight_files, AllowList};
+use crate::weights::{load_strict_opened, open_all, weight_files, AllowList};
 
 /// The tied input embedding: transformers saves it as `shared.weight`; some converted
 /// checkpoints also (or only) hold `encoder.embed_tokens.weight`.
@@ -96,7 +96,8 @@ impl T5Encoder {
         Self::build(config, SHARED, device, InitMode::Random)
     }
 
-    /// Loads a transformers folder: config.json plus model.safetensors (or its sharded index).
+    /// Loads a transformers folder: config.json plus model.safetensors (or its sharded index,
+    /// or a pytorch_model.bin pickle).
     pub fn load(dir: impl AsRef<Path>, device: Device, kind: Kind) -> Result<Self> {
         let dir = dir.as_ref();
         let config = T5Config::from_file(&dir.join("config.json"))?;
@@ -104,8 +105,8 @@ impl T5Encoder {
         Self::load_files(&config, &files, device, kind)
     }
 
-    /// Loads safetensors files into an encoder built from `config`; every tensor must be used
-    /// (a decoder's tensors are refused) and every variable filled.
+    /// Loads weight files (safetensors or pickles) into an encoder built from `config`; every
+    /// tensor must be used (a decoder's tensors are refused) and every variable filled.
     pub fn load_files(
         config: &T5Config,
         files: &[PathBuf],
@@ -113,10 +114,8 @@ impl T5Encoder {
         kind: Kind,
     ) -> Result<Self> {
         check_kind(kind)?;
-        let mut names = Vec::new();
-        for f in files {
-            names.extend(MappedSafetensors::open(f)?.names());
-        }
+        let opened = open_all(files)?;
+        let names: Vec<String> = opened.iter().flat_map(|f| f.names()).collect();
         let has = |n: &str| names.iter().any(|x| x == n);
         let mut allow = AllowList::default();
         let embed = match (has(SHARED), has(EMBED_TOKENS)) {
@@ -137,7 +136,7 @@ impl T5Encoder {
         };
         let mut enc = Self::build(config, embed, device, InitMode::Placeholder)?;
         enc.vs.set_kind(kind);
-        load_strict(&enc.vs, files, &allow)?;
+        load_strict_opened(&enc.vs, &opened, &allow)?;
         Ok(enc)
     }
 

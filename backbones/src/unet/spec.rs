@@ -32,7 +32,7 @@ pub const TIME_IDS: &str = "time_ids";
 #[serde(deny_unknown_fields)]
 pub struct UNetSpec {
     /// A pipeline folder (with `unet/` and usually `scheduler/`) or a UNet folder
-    /// (config.json + diffusion_pytorch_model*.safetensors); or a Hugging Face hub id
+    /// (config.json + diffusion_pytorch_model*.safetensors, or .bin); or a Hugging Face hub id
     /// (`stable-diffusion-v1-5/stable-diffusion-v1-5`) found in the local hub cache.
     #[serde(default)]
     pub path: Option<PathBuf>,

@@ -207,7 +207,7 @@ impl AutoencoderKl {
     }
 
     /// Loads a diffusers `vae/` folder (config.json + diffusion_pytorch_model.safetensors or its
-    /// index); every tensor must be used and every variable filled.
+    /// index, or the .bin pickle); every tensor must be used and every variable filled.
     pub fn load(dir: impl AsRef<Path>, device: Device, kind: Kind) -> Result<Self> {
         let dir = dir.as_ref();
         let config = VaeConfig::from_file(&dir.join("config.json"))?;

@@ -13,26 +13,38 @@ use crate::site::{ContextTokens, SiteHook, SiteInfo};
 use crate::{Error, Result};
 
 /// Which tokens a forward uses: a named set (`None`: the adapter's first set) and whether the
-/// EMA copy stands in for the online parameters.
+/// EMA copy stands in for the online parameters; or no adapter at all (`adapters_off`: the
+/// frozen backbone, e.g. Diffusion-DPO's reference model, without a second copy of it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct TokenSelection {
     pub set: Option<String>,
     #[serde(default)]
     pub ema: bool,
+    #[serde(default)]
+    pub adapters_off: bool,
 }
 
 impl TokenSelection {
-    pub fn online(set: &str) -> Self {
+    /// Every adapter switched off: the forward of the bare backbone.
+    pub fn adapters_off() -> Self {
         Self {
-            set: Some(set.to_string()),
-            ema: false,
+            adapters_off: true,
+            ..Self::default()
         }
     }
-    pub fn ema(set: &str) -> Self {
+    /// A set of the adapters by name (`None`: each adapter's first set), online or EMA.
+    pub fn new(set: Option<String>, ema: bool) -> Self {
         Self {
-            set: Some(set.to_string()),
-            ema: true,
+            set,
+            ema,
+            adapters_off: false,
         }
+    }
+    pub fn online(set: &str) -> Self {
+        Self::new(Some(set.to_string()), false)
+    }
+    pub fn ema(set: &str) -> Self {
+        Self::new(Some(set.to_string()), true)
     }
 }
 
@@ -115,6 +127,9 @@ impl SiteHook for Injection<'_> {
         t: &Tensor,
         batch: i64,
     ) -> Result<Option<ContextTokens>> {
+        if self.selection.adapters_off {
+            return Ok(None);
+        }
         let mut found: Option<ContextTokens> = None;
         for a in self.adapters {
             let Some(ct) = a.context_tokens(site, t, batch, &self.selection)? else {
@@ -144,7 +159,7 @@ impl SiteHook for Injection<'_> {
     }
 
     fn has_linear_deltas(&self) -> bool {
-        self.adapters.iter().any(|a| a.acts_on_linears())
+        !self.selection.adapters_off && self.adapters.iter().any(|a| a.acts_on_linears())
     }
 
     /// The sum of every adapter's delta at `site` (LoRA and DoRA sets stack additively).
@@ -154,6 +169,9 @@ impl SiteHook for Injection<'_> {
         x: &Tensor,
         base: &LinearBase<'_>,
     ) -> Result<Option<Tensor>> {
+        if self.selection.adapters_off {
+            return Ok(None);
+        }
         let mut sum: Option<Tensor> = None;
         for a in self.adapters {
             if let Some(d) = a.linear_delta(site, x, base, &self.selection)? {

@@ -19,6 +19,10 @@ pub struct Batch {
     /// The captions as text where the data knows them but has encoded them already (the
     /// shapes world); objectives that read captions (counting) get these or `captions`.
     pub texts: Option<Vec<String>>,
+    /// Preference pairs: the first half of `x0` holds the preferred images and the second
+    /// half the rejected ones (image i and i + B/2 share a prompt); a step gives both images
+    /// of a pair the same timestep and noise, as Diffusion-DPO trains.
+    pub preference_pairs: bool,
 }
 
 impl Batch {
@@ -30,6 +34,7 @@ impl Batch {
             captions: None,
             pixels: false,
             texts: None,
+            preference_pairs: false,
         }
     }
 
@@ -53,6 +58,11 @@ pub trait Dataset: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Images each sample contributes to a batch: 2 for preference pairs (see
+    /// `Batch::preference_pairs`), else 1.
+    fn images_per_sample(&self) -> usize {
+        1
+    }
     /// The samples at `indices` (drawn by the trainer from the run's seed).
     fn batch(&self, indices: &[usize], device: Device) -> Result<Batch>;
     /// For an encoding cache: the fingerprint it was made with (see
@@ -72,4 +82,5 @@ pub trait Dataset: Send {
 }
 
 pub mod captioned;
+pub mod preference_pairs;
 pub mod tensor_file;

@@ -17,7 +17,7 @@ use crate::backbone::BackboneInfo;
 use crate::catalogue::{self, PluginKind};
 use crate::logging::LoggingConfig;
 use crate::plugin::{
-    AdapterSpec, BackboneSpec, BuildContext, DatasetSpec, ObjectiveSpec, SamplerSpec,
+    AdapterSpec, BackboneSpec, BuildContext, DatasetSpec, ObjectiveSpec, RewardSpec, SamplerSpec,
 };
 use crate::train::TrainConfig;
 use crate::{Error, Result};
@@ -46,6 +46,9 @@ pub struct Recipe {
     pub sampler: Option<Box<dyn SamplerSpec>>,
     #[serde(default)]
     pub data: Option<Box<dyn DatasetSpec>>,
+    /// The reward RL fine-tuning (DDPO) maximises.
+    #[serde(default)]
+    pub reward: Option<Box<dyn RewardSpec>>,
     pub train: TrainConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -260,6 +263,9 @@ pub fn check_for(loaded: &LoadedRecipe, purpose: Purpose) -> Result<BackboneInfo
     }
     if let Some(s) = &r.sampler {
         s.validate().map_err(|e| at("sampler", e))?;
+    }
+    if let Some(w) = &r.reward {
+        w.validate(&ctx).map_err(|e| at("reward", e))?;
     }
     if let Some(d) = r.data.as_ref().filter(|_| purpose == Purpose::Train) {
         d.validate(&ctx).map_err(|e| at("data", e))?;

@@ -236,6 +236,7 @@ impl Dataset for CaptionedImages {
             captions: Some(captions),
             pixels: false,
             texts: None,
+            preference_pairs: false,
         })
     }
 }
