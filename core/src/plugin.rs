@@ -103,6 +103,11 @@ pub trait ObjectiveSpec: Debug + Send + Sync {
     fn min_images_per_step(&self) -> i64 {
         1
     }
+    /// Why fewer than [`ObjectiveSpec::min_images_per_step`] cannot work, for recipe check's
+    /// message.
+    fn min_images_reason(&self) -> &'static str {
+        "the objective needs that many images in each micro-batch"
+    }
     fn build(&self) -> Result<Box<dyn Objective>>;
     /// The files the objective reads when built (a detector), checked without loading them.
     fn check_files(&self, ctx: &BuildContext) -> Result<()> {

@@ -118,6 +118,10 @@ impl ObjectiveSpec for ContrastiveSpec {
     fn min_images_per_step(&self) -> i64 {
         2
     }
+    fn min_images_reason(&self) -> &'static str {
+        "it compares each image with the others' captions; with one its loss is constant and \
+         nothing is learned"
+    }
 
     fn build(&self) -> Result<Box<dyn Objective>> {
         self.validate()?;

@@ -73,6 +73,9 @@ impl ObjectiveSpec for DiffusionDpoSpec {
     fn min_images_per_step(&self) -> i64 {
         2
     }
+    fn min_images_reason(&self) -> &'static str {
+        "a batch holds preferred and rejected images of each pair, so at least one pair"
+    }
     fn build(&self) -> Result<Box<dyn Objective>> {
         self.validate()?;
         Ok(Box::new(DiffusionDpo {

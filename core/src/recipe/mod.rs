@@ -283,9 +283,9 @@ fn check_objective(r: &Recipe, o: &dyn ObjectiveSpec) -> Result<()> {
     let min = o.min_images_per_step();
     if r.train.images_per_step < min {
         return Err(Error::invalid(format!(
-            "needs train.images_per_step >= {min} (it compares each image with the others' \
-             captions; with {} its loss is constant and nothing is learned)",
-            r.train.images_per_step
+            "needs train.images_per_step >= {min}, got {} ({})",
+            r.train.images_per_step,
+            o.min_images_reason()
         )));
     }
     for (set, ema) in o.token_sets() {
