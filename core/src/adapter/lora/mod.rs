@@ -179,6 +179,17 @@ pub struct Layout {
     pub ema: bool,
 }
 
+impl Layout {
+    /// Site name -> position in `sites`.
+    fn site_index(&self) -> BTreeMap<String, usize> {
+        self.sites
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.site.name.clone(), k))
+            .collect()
+    }
+}
+
 /// PEFT's module-name suffix rule: `name == target` or `name` ends with `.target`.
 pub fn suffix_match(name: &str, target: &str) -> bool {
     name == target || name.strip_suffix(target).is_some_and(|r| r.ends_with('.'))
@@ -415,12 +426,7 @@ impl Lora {
                 .collect();
             online.insert(set.clone(), pairs);
         }
-        let index = layout
-            .sites
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.site.name.clone(), k))
-            .collect();
+        let index = layout.site_index();
         let magnitudes_ready = !layout.dora;
         Self {
             layout,
@@ -548,12 +554,7 @@ impl Lora {
             sets: default_sets(),
             ema: false,
         };
-        let index = layout
-            .sites
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.site.name.clone(), k))
-            .collect();
+        let index = layout.site_index();
         Ok(Self {
             layout,
             index,
