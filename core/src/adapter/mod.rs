@@ -239,6 +239,43 @@ pub fn load_adapter(
     (loader.load)(path, backbone, device)
 }
 
+/// Opens an adapter file of `kind` written for `backbone` and parses its `spec` metadata:
+/// the checks every adapter kind's loader makes before building itself (`label` names the
+/// kind in errors: "soft tokens", "LoRA").
+pub fn open_adapter_file<S: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    kind: &str,
+    label: &str,
+    backbone: &crate::backbone::BackboneInfo,
+) -> Result<(crate::tensors::MappedSafetensors, S)> {
+    let file = crate::tensors::MappedSafetensors::open(path)?;
+    let meta = file.metadata()?;
+    let get = |k: &str| {
+        meta.get(k)
+            .ok_or_else(|| Error::file(path, format!("metadata field `{k}` missing")))
+    };
+    if get("adapter")? != kind {
+        return Err(Error::file(
+            path,
+            format!("holds a `{}` adapter, not {label}", get("adapter")?),
+        ));
+    }
+    // An adapter trained for another backbone type would fail on its sites later; say what it
+    // is instead.
+    if let Some(trained) = meta.get("backbone").filter(|b| **b != backbone.kind) {
+        return Err(Error::file(
+            path,
+            format!(
+                "was trained for a `{trained}` backbone; this model is a `{}` backbone",
+                backbone.kind
+            ),
+        ));
+    }
+    let spec = serde_json::from_str(get("spec")?)
+        .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))?;
+    Ok((file, spec))
+}
+
 /// An adapter's `load_state`: copies `tensors` into its state tensors `ours` (fp32, on their
 /// device), requiring exactly the same names and shapes, and naming any that differ.
 pub fn load_named_state(

@@ -418,31 +418,8 @@ impl SoftTokens {
     /// Loads an adapter file written by [`crate::adapter::save_adapter`] for `backbone`. The file's
     /// sites, shapes and token space must fit the backbone; every tensor must be present.
     pub fn load(path: &Path, backbone: &BackboneInfo, device: Device) -> Result<Self> {
-        let file = MappedSafetensors::open(path)?;
-        let meta = file.metadata()?;
-        let get = |k: &str| {
-            meta.get(k)
-                .ok_or_else(|| Error::file(path, format!("metadata field `{k}` missing")))
-        };
-        if get("adapter")? != KIND {
-            return Err(Error::file(
-                path,
-                format!("holds a `{}` adapter, not soft tokens", get("adapter")?),
-            ));
-        }
-        // An adapter trained for another backbone type fails on its sites below; say what it
-        // is instead.
-        if let Some(trained) = meta.get("backbone").filter(|b| **b != backbone.kind) {
-            return Err(Error::file(
-                path,
-                format!(
-                    "was trained for a `{trained}` backbone; this model is a `{}` backbone",
-                    backbone.kind
-                ),
-            ));
-        }
-        let spec: SoftTokensSpec = serde_json::from_str(get("spec")?)
-            .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))?;
+        let (file, spec): (_, SoftTokensSpec) =
+            super::open_adapter_file(path, KIND, "soft tokens", backbone)?;
         let layout = spec
             .layout(backbone)
             .map_err(|e| Error::file(path, format!("does not fit the backbone: {e}")))?;

@@ -28,7 +28,6 @@ use crate::backbone::BackboneInfo;
 use crate::linear_site::{LinearBase, LinearSite};
 use crate::plugin::{AdapterSpec, BuildContext};
 use crate::site::SiteSelector;
-use crate::tensors::MappedSafetensors;
 use crate::{register_plugin, Error, Result};
 
 pub const KIND: &str = "lora";
@@ -469,29 +468,8 @@ impl Lora {
 
     /// Loads an adapter file written by [`crate::adapter::save_adapter`] for `backbone`.
     pub fn load(path: &Path, backbone: &BackboneInfo, device: Device) -> Result<Self> {
-        let file = MappedSafetensors::open(path)?;
-        let meta = file.metadata()?;
-        let get = |k: &str| {
-            meta.get(k)
-                .ok_or_else(|| Error::file(path, format!("metadata field `{k}` missing")))
-        };
-        if get("adapter")? != KIND {
-            return Err(Error::file(
-                path,
-                format!("holds a `{}` adapter, not LoRA", get("adapter")?),
-            ));
-        }
-        if let Some(trained) = meta.get("backbone").filter(|b| **b != backbone.kind) {
-            return Err(Error::file(
-                path,
-                format!(
-                    "was trained for a `{trained}` backbone; this model is a `{}` backbone",
-                    backbone.kind
-                ),
-            ));
-        }
-        let spec: LoraSpec = serde_json::from_str(get("spec")?)
-            .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))?;
+        let (file, spec): (_, LoraSpec) =
+            crate::adapter::open_adapter_file(path, KIND, "LoRA", backbone)?;
         let layout = spec
             .layout(backbone)
             .map_err(|e| Error::file(path, format!("does not fit the backbone: {e}")))?;
