@@ -503,7 +503,7 @@ struct FullTask {
 
 impl TrainTask for FullTask {
     fn parameters(&self) -> Vec<(String, Tensor)> {
-        full_parameters(&self.vs, softalign_core::dtype::DType::F32).unwrap()
+        full_parameters(&self.vs, softalign_core::dtype::DType::F32, &[]).unwrap()
     }
     fn micro_step(&mut self, m: &MicroStep) -> Result<BTreeMap<String, f64>> {
         let x = Tensor::randn([16, 3], (Kind::Float, Device::Cpu));

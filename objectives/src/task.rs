@@ -99,6 +99,13 @@ impl ObjectiveTask {
             }
         }
         let params = match config.mode {
+            TrainMode::Adapter if !config.frozen.is_empty() => {
+                return Err(Error::Recipe(
+                    "train.frozen names backbone weights to keep fixed in mode = \"full\"; in \
+                     adapter mode the whole backbone is fixed already"
+                        .into(),
+                ))
+            }
             TrainMode::Adapter => adapter_parameters(&adapters),
             TrainMode::Full => {
                 if !adapters.is_empty() {
@@ -106,7 +113,7 @@ impl ObjectiveTask {
                         "train.mode = \"full\" trains the backbone itself: remove the [[adapter]] tables".into(),
                     ));
                 }
-                full_parameters(backbone.var_store(), config.weights_dtype)?
+                full_parameters(backbone.var_store(), config.weights_dtype, &config.frozen)?
             }
         };
         Ok(Self {

@@ -45,6 +45,11 @@ pub struct TrainConfig {
     /// `adapter`: train the adapters on a frozen backbone; `full`: train the backbone itself.
     #[serde(default)]
     pub mode: TrainMode,
+    /// In full mode, backbone weights left out of training: globs over their names (`*` any
+    /// run of characters), e.g. `["text_encoder.*"]` to train a denoiser on a fixed text
+    /// tower. Each glob must match some weight.
+    #[serde(default)]
+    pub frozen: Vec<String>,
     pub lr: f64,
     #[serde(default)]
     pub optimizer: AdamWConfig,

@@ -4,6 +4,7 @@
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
+use super::glob::glob_match;
 use crate::dtype::DType;
 use crate::{Error, Result};
 
@@ -62,7 +63,14 @@ pub fn check_trainable(params: &[(String, Tensor)]) -> Result<()> {
 /// Full-parameter mode: every floating-point variable of `vs` becomes trainable and is
 /// returned, sorted by name. The backbone must be held in fp32: AdamW updates of bf16/fp16
 /// weights lose most of their precision, so a lower `weights_dtype` is refused.
-pub fn full_parameters(vs: &VarStore, weights_dtype: DType) -> Result<Vec<(String, Tensor)>> {
+/// The backbone weights full-mode training updates: every trainable fp32 variable whose name
+/// no glob in `frozen` matches. A glob that matches no trainable weight is an error (a typo
+/// would otherwise train everything).
+pub fn full_parameters(
+    vs: &VarStore,
+    weights_dtype: DType,
+    frozen: &[String],
+) -> Result<Vec<(String, Tensor)>> {
     if weights_dtype != DType::F32 {
         return Err(Error::Recipe(format!(
             "train.mode = \"full\" trains the backbone's own weights, which must be fp32: set \
@@ -82,6 +90,21 @@ pub fn full_parameters(vs: &VarStore, weights_dtype: DType) -> Result<Vec<(Strin
         .filter(|(_, t)| is_float(t.kind()) && trainable.contains(&(t.data_ptr() as usize)))
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    for glob in frozen {
+        if !out.iter().any(|(n, _)| glob_match(glob, n)) {
+            return Err(Error::Recipe(format!(
+                "train.frozen: `{glob}` matches no trainable backbone weight (names look like \
+                 `{}`)",
+                out.first().map(|(n, _)| n.as_str()).unwrap_or("")
+            )));
+        }
+    }
+    out.retain(|(n, _)| !frozen.iter().any(|g| glob_match(g, n)));
+    if out.is_empty() {
+        return Err(Error::Recipe(
+            "train.frozen leaves no backbone weight to train".into(),
+        ));
+    }
     for (name, t) in &mut out {
         if t.kind() != Kind::Float {
             return Err(Error::tensor(
@@ -122,14 +145,28 @@ mod tests {
     fn full_mode_trains_fp32_weights_and_refuses_others() {
         let mut vs = small_store();
         vs.freeze();
-        let params = full_parameters(&vs, DType::F32).unwrap();
+        let params = full_parameters(&vs, DType::F32, &[]).unwrap();
         let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["proj.bias", "proj.weight"]);
+        let params = full_parameters(&vs, DType::F32, &["*.bias".into()]).unwrap();
+        let names: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["proj.weight"]);
+        let err = full_parameters(&vs, DType::F32, &["text_encoder.*".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains("`text_encoder.*` matches no"),
+            "{err}"
+        );
+        let err = full_parameters(&vs, DType::F32, &["*".into()]).unwrap_err();
+        assert!(err.to_string().contains("no backbone weight"), "{err}");
         check_trainable(&params).unwrap();
-        let err = full_parameters(&vs, DType::Bf16).unwrap_err().to_string();
+        let err = full_parameters(&vs, DType::Bf16, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("weights_dtype"), "{err}");
         vs.set_kind(Kind::Half);
-        let err = full_parameters(&vs, DType::F32).unwrap_err().to_string();
+        let err = full_parameters(&vs, DType::F32, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("proj.") && err.contains("fp32"), "{err}");
     }
 
