@@ -7,7 +7,7 @@ use softalign_backbones::sd3::{FlowMatch, TimestepSampling};
 use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
 use softalign_core::backbone::Backbone;
 use softalign_core::dtype::DType;
-use tch::Device;
+use tch::{Device, Tensor};
 
 const RECIPE: &str = r#"
 name = "shapes-smoke"
@@ -123,6 +123,114 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
     let o = export(&["--checkpoint", "nowhere"], "x");
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("nowhere"), "{e}");
+}
+
+/// `train.frozen` keeps the named backbone weights out of full-mode training: a denoiser
+/// trained on a fixed text tower ends with the tower exactly as it started and the MMDiT
+/// moved; a glob that names nothing is refused, naming it.
+#[test]
+fn frozen_weights_stay_as_they_started_while_the_rest_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = RECIPE.replace(
+        "mode = \"full\"",
+        "mode = \"full\"\nfrozen = [\"text_encoder.*\"]",
+    );
+    let path = dir.path().join("frozen.toml");
+    std::fs::write(&path, &recipe).unwrap();
+    let run = dir.path().join("run");
+    let out = softalign_train(&path, &run);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let noise = FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap();
+    let trained =
+        ShapesBackbone::load(&run.join("final"), Device::Cpu, DType::F32, noise.clone()).unwrap();
+    softalign_core::train::seed::seed_everything(5);
+    let init = ShapesBackbone::random(
+        &ShapesConfig::tiny().unwrap(),
+        Device::Cpu,
+        DType::F32,
+        noise,
+    )
+    .unwrap();
+    let (a, b) = (
+        init.var_store().variables(),
+        trained.var_store().variables(),
+    );
+    let mut frozen = 0;
+    for (n, t) in &a {
+        if n.starts_with("text_encoder.") {
+            assert!(t.equal(&b[n]), "{n} moved although frozen");
+            frozen += 1;
+        }
+    }
+    assert!(frozen > 10, "{frozen}");
+    assert!(
+        a.iter()
+            .filter(|(n, _)| n.starts_with("transformer."))
+            .any(|(n, t)| !t.equal(&b[n])),
+        "the MMDiT did not train"
+    );
+
+    let typo = recipe.replace("[\"text_encoder.*\"]", "[\"text_encoder*x\"]");
+    std::fs::write(&path, typo).unwrap();
+    let out = softalign_train(&path, &dir.path().join("typo"));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("`text_encoder*x` matches no"),
+        "{e}"
+    );
+}
+
+/// `[backbone] ddpm` re-parameterises a UNet base (v-prediction on a zero-terminal-SNR
+/// schedule): the backbone reports the new prediction, trains towards the v target (-x0 at
+/// the last timestep), and the folder it saves records both, so it loads back the same; an
+/// MMDiT and epsilon at zero SNR are refused.
+#[test]
+fn a_unet_base_is_reparameterised_to_v_prediction_at_zero_terminal_snr() {
+    use softalign_core::backbone::Prediction;
+    use softalign_core::plugin::{BackboneSpec, BuildContext};
+    let spec = |extra: &str| -> softalign_backbones::shapes::ShapesSpec {
+        toml::from_str(&format!("preset = \"unet\"\n{extra}")).unwrap()
+    };
+    let ctx = BuildContext::cpu(".");
+    let b = spec("ddpm = { prediction_type = \"v_prediction\", rescale_betas_zero_snr = true }")
+        .build(&ctx)
+        .unwrap();
+    assert_eq!(b.info().prediction, Prediction::VPrediction);
+    let x0 = Tensor::ones([1, 3, 4, 4], (tch::Kind::Float, Device::Cpu));
+    let eps = Tensor::zeros([1, 3, 4, 4], (tch::Kind::Float, Device::Cpu));
+    let t = Tensor::from_slice(&[999.0f32]);
+    let target = b.noise().target(&x0, &eps, &t);
+    assert!(target.equal(&(-&x0)), "v at zero SNR is -x0");
+    let dir = tempfile::tempdir().unwrap();
+    b.save_pretrained(dir.path()).unwrap();
+    let text = std::fs::read_to_string(dir.path().join("scheduler/scheduler_config.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(cfg["prediction_type"], "v_prediction");
+    assert_eq!(cfg["rescale_betas_zero_snr"], true);
+    let noise = FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap();
+    let back = ShapesBackbone::load(dir.path(), Device::Cpu, DType::F32, noise).unwrap();
+    assert_eq!(back.info().prediction, Prediction::VPrediction);
+    assert!(back.noise().target(&x0, &eps, &t).equal(&(-&x0)));
+
+    let err = |extra: &str, preset: &str| {
+        let s: softalign_backbones::shapes::ShapesSpec =
+            toml::from_str(&format!("preset = \"{preset}\"\n{extra}")).unwrap();
+        s.build(&ctx).err().expect("refused").to_string()
+    };
+    let e = err(
+        "ddpm = { prediction_type = \"epsilon\", rescale_betas_zero_snr = true }",
+        "unet",
+    );
+    assert!(
+        e.contains("needs `prediction_type = \"v_prediction\"`"),
+        "{e}"
+    );
+    let e = err("ddpm = { prediction_type = \"v_prediction\" }", "tiny");
+    assert!(e.contains("apply to a UNet base"), "{e}");
 }
 
 /// Raw images + captions from an `image_manifest` (PNG files, one of them corrupt) go through

@@ -401,6 +401,7 @@ fn ddim_spec(c: &serde_json::Value) -> DdimSpec {
         steps_offset: c["offset"].as_i64().unwrap(),
         set_alpha_to_one: c["alpha_one"].as_bool().unwrap(),
         clip_sample: c["clip"].as_bool().unwrap(),
+        rescale_betas_zero_snr: c["zsnr"].as_bool().unwrap_or(false),
         ..DdimSpec::default()
     }
 }
@@ -487,6 +488,21 @@ fn ddpm_add_noise_and_velocity_match_diffusers() {
     let ts = eps_noise.sample_timesteps(64, tch::Device::Cpu);
     assert!(ts.min().double_value(&[]) >= 0.0 && ts.max().double_value(&[]) <= 999.0);
     assert_eq!(max_err(&ts, &ts.round()), 0.0, "integer timesteps");
+
+    // Zero terminal SNR (diffusers' rescale_betas_zero_snr), v-prediction: the schedule, the
+    // noising (t = 999 is pure noise) and the v target (-x0 there).
+    let zsnr = BetaConfig {
+        rescale_betas_zero_snr: true,
+        ..BetaConfig::default()
+    };
+    let z = DdpmNoise::new(zsnr, Prediction::VPrediction).unwrap();
+    let ac = Tensor::from_slice(z.alphas_cumprod());
+    let e0 = max_err(&ac, &io["ddpm_zsnr.alphas_cumprod"]);
+    let e1 = max_err(&z.add_noise(x0, eps, t), &io["ddpm_zsnr.noisy"]);
+    let e2 = max_err(&z.target(x0, eps, t), &io["ddpm_zsnr.velocity"]);
+    println!("zero-SNR alphas_cumprod {e0:.3e}, add_noise {e1:.3e}, velocity {e2:.3e}");
+    assert_eq!(z.alphas_cumprod()[999], 0.0);
+    assert!(e0 <= 1e-7 && e1 <= 1e-6 && e2 <= 1e-6);
 }
 
 #[test]

@@ -206,12 +206,15 @@ def main(out):
         dict(steps=11, spacing="linspace", offset=0, alpha_one=True, eta=0.0, pred="v_prediction", clip=False),
         dict(steps=4, spacing="leading", offset=0, alpha_one=True, eta=0.3, pred="epsilon", clip=True),
         dict(steps=1000, spacing="leading", offset=0, alpha_one=False, eta=0.0, pred="epsilon", clip=False),
+        # Zero terminal SNR: the first trailing step is t = 999, where abar = 0.
+        dict(steps=10, spacing="trailing", offset=0, alpha_one=False, eta=0.0, pred="v_prediction", clip=False, zsnr=True),
+        dict(steps=6, spacing="trailing", offset=0, alpha_one=False, eta=0.7, pred="v_prediction", clip=True, zsnr=True),
     ]
     for k, c in enumerate(configs):
         s = DDIMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=c["clip"],
             set_alpha_to_one=c["alpha_one"], steps_offset=c["offset"], prediction_type=c["pred"],
-            timestep_spacing=c["spacing"],
+            timestep_spacing=c["spacing"], rescale_betas_zero_snr=c.get("zsnr", False),
         )
         s.set_timesteps(c["steps"])
         ts = s.timesteps.tolist()
@@ -240,6 +243,11 @@ def main(out):
     io["ddpm.noisy"] = ddpm.add_noise(x0, eps, t)
     io["ddpm.velocity"] = ddpm.get_velocity(x0, eps, t)
     io["ddpm.alphas_cumprod"] = ddpm.alphas_cumprod
+    zsnr = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    io["ddpm_zsnr.alphas_cumprod"] = zsnr.alphas_cumprod
+    io["ddpm_zsnr.noisy"] = zsnr.add_noise(x0, eps, t)
+    io["ddpm_zsnr.velocity"] = zsnr.get_velocity(x0, eps, t)
     save(os.path.join(out, "schedulers"), io)
     manifest["ddim"] = ddim
     manifest["dpo"] = diffusion_dpo_reference(out, models["sd15"])

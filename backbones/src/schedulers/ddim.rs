@@ -70,6 +70,9 @@ pub struct DdimSpec {
     pub beta_end: f64,
     #[serde(default)]
     pub beta_schedule: BetaSchedule,
+    /// diffusers' `rescale_betas_zero_snr` (see [`BetaConfig`]); needs a v-prediction model.
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
     /// Unconditional branch = zeros for every conditioning tensor except `time_ids` (SDXL's
     /// `force_zeros_for_empty_prompt`), instead of the encoded empty prompt.
     #[serde(default)]
@@ -88,7 +91,7 @@ impl Default for DdimSpec {
 
 /// Keys of a diffusers scheduler_config.json that DDIM shares with the schedulers SD folders
 /// ship (PNDM, DDIM, Euler...): the noise schedule and the timestep spacing.
-pub const SCHEDULER_CONFIG_KEYS: [&str; 9] = [
+pub const SCHEDULER_CONFIG_KEYS: [&str; 10] = [
     "num_train_timesteps",
     "beta_start",
     "beta_end",
@@ -98,6 +101,7 @@ pub const SCHEDULER_CONFIG_KEYS: [&str; 9] = [
     "set_alpha_to_one",
     "clip_sample",
     "clip_sample_range",
+    "rescale_betas_zero_snr",
 ];
 
 impl DdimSpec {
@@ -124,6 +128,7 @@ impl DdimSpec {
             beta_start: self.beta_start,
             beta_end: self.beta_end,
             beta_schedule: self.beta_schedule,
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
         }
     }
 }
@@ -289,6 +294,12 @@ impl Ddim {
         let b_t = 1.0f32 - a_t;
         let (sa, sb) = (a_t.sqrt() as f64, b_t.sqrt() as f64);
         let (x0, eps) = match prediction {
+            Prediction::Epsilon if sa == 0.0 => {
+                return Err(Error::invalid(format!(
+                    "sampler ddim: timestep {t} has no signal (rescale_betas_zero_snr), where an \
+                     epsilon model's x0 is undefined; zero terminal SNR needs v_prediction"
+                )))
+            }
             Prediction::Epsilon => (
                 (sample - model_output * sb) / sa,
                 model_output.shallow_clone(),

@@ -16,7 +16,8 @@ pub enum BetaSchedule {
 }
 
 /// The training-time schedule (scheduler_config.json's `num_train_timesteps`, `beta_start`,
-/// `beta_end`, `beta_schedule`); Stable Diffusion 1.x/2.x and SDXL all use the default.
+/// `beta_end`, `beta_schedule`, `rescale_betas_zero_snr`); Stable Diffusion 1.x/2.x and SDXL
+/// all use the default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BetaConfig {
@@ -24,6 +25,10 @@ pub struct BetaConfig {
     pub beta_start: f64,
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
+    /// diffusers' `rescale_betas_zero_snr` (Lin et al. 2024, "Common Diffusion Noise Schedules
+    /// and Sample Steps are Flawed"): the betas rescaled so the last timestep carries no signal,
+    /// as sampling from pure noise assumes. Only a v-prediction model can be sampled there.
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for BetaConfig {
@@ -33,6 +38,7 @@ impl Default for BetaConfig {
             beta_start: 0.00085,
             beta_end: 0.012,
             beta_schedule: BetaSchedule::ScaledLinear,
+            rescale_betas_zero_snr: false,
         }
     }
 }
@@ -64,8 +70,30 @@ impl BetaConfig {
                 Tensor::linspace(self.beta_start.sqrt(), self.beta_end.sqrt(), n, opts).square()
             }
         };
+        let betas = if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
         (-betas + 1.0).cumprod(0, Kind::Float)
     }
+}
+
+/// diffusers' `rescale_zero_terminal_snr`, op for op: sqrt(abar) shifted so its last value is
+/// 0 and scaled so its first is unchanged, turned back into betas.
+fn rescale_zero_terminal_snr(betas: &Tensor) -> Tensor {
+    let alphas = -betas + 1.0;
+    let sqrt_bar = alphas.cumprod(0, Kind::Float).sqrt();
+    let first_t = sqrt_bar.get(0);
+    let last_t = sqrt_bar.get(-1);
+    // diffusers subtracts and multiplies with fp32 tensors; keep its order of operations.
+    let shifted = &sqrt_bar - &last_t;
+    let scale = &first_t / (&first_t - &last_t);
+    let bar = (shifted * scale).square();
+    let n = bar.size()[0];
+    let ratio = bar.narrow(0, 1, n - 1) / bar.narrow(0, 0, n - 1);
+    let alphas = Tensor::cat(&[bar.narrow(0, 0, 1), ratio], 0);
+    -alphas + 1.0
 }
 
 /// x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; target eps or v = sqrt(abar_t) eps -

@@ -84,6 +84,7 @@ pub fn unet_betas() -> BetaConfig {
         beta_start: 0.00085,
         beta_end: 0.012,
         beta_schedule: BetaSchedule::ScaledLinear,
+        rescale_betas_zero_snr: false,
     }
 }
 

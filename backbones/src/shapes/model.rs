@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{unet_betas, Denoiser, ShapesConfig, PIXEL_SHIFT_KEY, TRANSFORMER, UNET};
 use crate::clip::{ClipTextTransformer, ClipTokenizer, InitMode, TextEncoder, TOWER_PREFIX};
-use crate::schedulers::ddpm::DdpmNoise;
+use crate::schedulers::ddpm::{BetaConfig, DdpmNoise};
 use crate::sd3::{FlowMatch, Sd3Backbone, Sd3Transformer2DModel};
 use crate::unet::{UNet2DConditionModel, UNetBackbone};
 use crate::weights::AllowList;
@@ -153,28 +153,22 @@ fn dit_zero_init(vs: &VarStore, num_layers: i64) {
     }
 }
 
-/// The training noise of a denoiser: `flow` for an MMDiT; for a UNet the DDPM schedule of its
-/// folder's scheduler_config.json (or the preset's, [`unet_betas`]), epsilon prediction.
+/// The training noise of a denoiser: `flow` for an MMDiT; for a UNet the DDPM schedule and
+/// prediction type of its folder's scheduler_config.json (or the preset's, [`unet_betas`] and
+/// epsilon).
 fn noise_for(cfg: &ShapesConfig, dir: Option<&Path>, flow: FlowMatch) -> Result<ShapesNoise> {
     match cfg.denoiser {
         Denoiser::Transformer(_) => Ok(ShapesNoise::Flow(flow)),
         Denoiser::Unet(_) => {
-            let betas = match dir {
+            let (betas, pred) = match dir {
                 Some(d) if d.join("scheduler/scheduler_config.json").is_file() => {
-                    let (betas, pred) = crate::unet::spec::scheduler_settings(d)?;
-                    if pred.is_some_and(|p| p != Prediction::Epsilon) {
-                        return Err(Error::file(
-                            d.join("scheduler/scheduler_config.json"),
-                            "the shapes UNet predicts epsilon (`prediction_type` = \"epsilon\")",
-                        ));
-                    }
-                    betas
+                    crate::unet::spec::scheduler_settings(d)?
                 }
-                _ => unet_betas(),
+                _ => (unet_betas(), None),
             };
             Ok(ShapesNoise::Ddpm(DdpmNoise::new(
                 betas,
-                Prediction::Epsilon,
+                pred.unwrap_or(Prediction::Epsilon),
             )?))
         }
     }
@@ -214,8 +208,12 @@ impl ShapesBackbone {
                 DenoiserModel::Unet(Box::new(UNet2DConditionModel::new(&root / UNET, u)?))
             }
         };
+        let mut info = info(cfg)?;
+        if let ShapesNoise::Ddpm(d) = &noise {
+            info.prediction = d.prediction;
+        }
         Ok(Self {
-            info: info(cfg)?,
+            info,
             config: cfg.clone(),
             vs,
             text,
@@ -403,6 +401,33 @@ impl ShapesBackbone {
         index
     }
 
+    /// Trains (and saves) a UNet base under another DDPM parameterisation than its folder's:
+    /// the prediction type and the zero-terminal-SNR rescale; the schedule's other settings
+    /// stay. An MMDiT is refused (it trains with rectified flow).
+    pub fn reparameterize(&mut self, prediction: Prediction, zero_snr: bool) -> Result<()> {
+        let ShapesNoise::Ddpm(d) = &self.noise else {
+            return Err(Error::Recipe(
+                "backbone shapes: `ddpm` settings apply to a UNet base; this one is an MMDiT \
+                 (rectified flow)"
+                    .into(),
+            ));
+        };
+        let betas = BetaConfig {
+            rescale_betas_zero_snr: zero_snr,
+            ..d.betas.clone()
+        };
+        if zero_snr && prediction != Prediction::VPrediction {
+            return Err(Error::Recipe(
+                "backbone shapes: `ddpm.rescale_betas_zero_snr = true` needs `prediction_type = \
+                 \"v_prediction\"` (an epsilon model's x0 is undefined at zero SNR)"
+                    .into(),
+            ));
+        }
+        self.noise = ShapesNoise::Ddpm(DdpmNoise::new(betas, prediction)?);
+        self.info.prediction = prediction;
+        Ok(())
+    }
+
     /// scheduler_config.json: what the model samples with by default.
     fn scheduler_config(&self) -> serde_json::Value {
         match (&self.config.denoiser, &self.noise) {
@@ -422,7 +447,11 @@ impl ShapesBackbone {
                     "beta_start": b.beta_start,
                     "beta_end": b.beta_end,
                     "beta_schedule": schedule,
-                    "prediction_type": "epsilon",
+                    "prediction_type": match d.prediction {
+                        Prediction::VPrediction => "v_prediction",
+                        _ => "epsilon",
+                    },
+                    "rescale_betas_zero_snr": b.rescale_betas_zero_snr,
                     "timestep_spacing": "trailing",
                     "steps_offset": 0,
                     "set_alpha_to_one": false,

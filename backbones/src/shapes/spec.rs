@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use softalign_core::backbone::{Backbone, BackboneInfo};
+use softalign_core::backbone::{Backbone, BackboneInfo, Prediction};
 use softalign_core::dtype::DType;
 use softalign_core::plugin::{BackboneSpec, BuildContext};
 use softalign_core::{register_plugin, Error, Result};
@@ -39,6 +39,43 @@ pub struct ShapesSpec {
     /// `loras = [{ path = "style.safetensors", scale = 0.8 }]`.
     #[serde(default)]
     pub loras: Vec<softalign_core::adapter::lora::merge::LoraRef>,
+    /// A UNet base's DDPM parameterisation, instead of its folder's scheduler config: to go
+    /// on training a base under another one (`ddpm = { prediction_type = "v_prediction",
+    /// rescale_betas_zero_snr = true }`); the saved folder records it.
+    #[serde(default)]
+    pub ddpm: Option<DdpmOverride>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DdpmOverride {
+    /// `epsilon` or `v_prediction`.
+    pub prediction_type: String,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl DdpmOverride {
+    fn prediction(&self) -> Result<Prediction> {
+        let p = match self.prediction_type.as_str() {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::VPrediction,
+            o => {
+                return Err(Error::Recipe(format!(
+                    "backbone shapes: `ddpm.prediction_type` = \"{o}\" is not one of epsilon, \
+                     v_prediction"
+                )))
+            }
+        };
+        if self.rescale_betas_zero_snr && p != Prediction::VPrediction {
+            return Err(Error::Recipe(
+                "backbone shapes: `ddpm.rescale_betas_zero_snr = true` needs `prediction_type = \
+                 \"v_prediction\"` (an epsilon model's x0 is undefined at zero SNR)"
+                    .into(),
+            ));
+        }
+        Ok(p)
+    }
 }
 
 impl ShapesSpec {
@@ -50,6 +87,7 @@ impl ShapesSpec {
             timesteps: TimestepSampling::default(),
             timestep_shift: 1.0,
             loras: Vec::new(),
+            ddpm: None,
         }
     }
 
@@ -126,17 +164,36 @@ impl BackboneSpec for ShapesSpec {
     fn describe(&self, ctx: &BuildContext) -> Result<BackboneInfo> {
         let cfg = self.config_for_check(ctx)?;
         self.noise(&cfg)?;
-        info(&cfg)
+        let mut info = info(&cfg)?;
+        if let Some(o) = &self.ddpm {
+            if !matches!(cfg.denoiser, Denoiser::Unet(_)) {
+                return Err(Error::Recipe(
+                    "backbone shapes: `ddpm` settings apply to a UNet base; this one is an \
+                     MMDiT (rectified flow)"
+                        .into(),
+                ));
+            }
+            info.prediction = o.prediction()?;
+        } else if let (Some(p), Denoiser::Unet(_)) = (&self.path, &cfg.denoiser) {
+            let dir = ctx.resolve(p);
+            if let Ok((_, Some(pred))) = crate::unet::spec::scheduler_settings(&dir) {
+                info.prediction = pred;
+            }
+        }
+        Ok(info)
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Box<dyn Backbone>> {
         let (cfg, dir) = self.source(ctx)?;
         let noise = self.noise(&cfg)?;
         let dtype = ctx.dtype_override.or(self.dtype).unwrap_or_default();
-        let b = match dir {
+        let mut b = match dir {
             Some(dir) => ShapesBackbone::load(&dir, ctx.device, dtype, noise)?,
             None => ShapesBackbone::random(&cfg, ctx.device, dtype, noise)?,
         };
+        if let Some(o) = &self.ddpm {
+            b.reparameterize(o.prediction()?, o.rescale_betas_zero_snr)?;
+        }
         softalign_core::adapter::lora::merge::merge_all(&b, &self.loras, &ctx.recipe_dir)?;
         Ok(Box::new(b))
     }

@@ -106,6 +106,16 @@ pub(crate) fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Predi
             ))
         }
     }
+    match v.get("rescale_betas_zero_snr") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Bool(b)) => betas.rescale_betas_zero_snr = *b,
+        Some(o) => {
+            return Err(Error::file(
+                &path,
+                format!("`rescale_betas_zero_snr` must be true or false, got {o}"),
+            ))
+        }
+    }
     let pred = match v.get("prediction_type").and_then(|x| x.as_str()) {
         None => None,
         Some("epsilon") => Some(Prediction::Epsilon),
@@ -117,6 +127,13 @@ pub(crate) fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Predi
             ))
         }
     };
+    if betas.rescale_betas_zero_snr && pred != Some(Prediction::VPrediction) {
+        return Err(Error::file(
+            &path,
+            "`rescale_betas_zero_snr` = true needs `prediction_type` = \"v_prediction\": at the \
+             last timestep there is no signal, and an epsilon model's x0 is undefined there",
+        ));
+    }
     Ok((betas, pred))
 }
 
