@@ -38,6 +38,18 @@ ema = { decay = 0.5 }
 checkpoint = { every = 3, keep = 1 }
 "#;
 
+/// The initial weights of a run of `RECIPE`: the same seed, the same preset.
+fn run_init(noise: FlowMatch) -> ShapesBackbone {
+    softalign_core::train::seed::seed_everything(5);
+    ShapesBackbone::random(
+        &ShapesConfig::tiny().unwrap(),
+        Device::Cpu,
+        DType::F32,
+        noise,
+    )
+    .unwrap()
+}
+
 #[test]
 fn three_full_mode_steps_write_a_loadable_pipeline() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,15 +71,7 @@ fn three_full_mode_steps_write_a_loadable_pipeline() {
         noise.clone(),
     )
     .unwrap();
-    // The run's initial weights: the same seed, the same preset.
-    softalign_core::train::seed::seed_everything(5);
-    let init = ShapesBackbone::random(
-        &ShapesConfig::tiny().unwrap(),
-        Device::Cpu,
-        DType::F32,
-        noise,
-    )
-    .unwrap();
+    let init = run_init(noise);
     let (a, b) = (
         init.var_store().variables(),
         trained.var_store().variables(),
@@ -147,14 +151,7 @@ fn frozen_weights_stay_as_they_started_while_the_rest_trains() {
     let noise = FlowMatch::new(TimestepSampling::UniformInt, 1.0).unwrap();
     let trained =
         ShapesBackbone::load(&run.join("final"), Device::Cpu, DType::F32, noise.clone()).unwrap();
-    softalign_core::train::seed::seed_everything(5);
-    let init = ShapesBackbone::random(
-        &ShapesConfig::tiny().unwrap(),
-        Device::Cpu,
-        DType::F32,
-        noise,
-    )
-    .unwrap();
+    let init = run_init(noise);
     let (a, b) = (
         init.var_store().variables(),
         trained.var_store().variables(),
