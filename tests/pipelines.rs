@@ -1035,9 +1035,10 @@ fn flowedit_matches_the_python_reference() {
         edited.push(got["edited.0"].shallow_clone());
     }
     // The comparisons mean something: the edit moves the source, and the tokens move the edit.
-    // On this tiny random model the tokens act on both velocities nearly alike, so their
-    // effect on the editing difference is small (second order) but above the tolerance; in
-    // the n_min tail, which samples with the target velocity itself, it is first order.
+    // On this tiny random transformer (weights of std 0.05, nearly uniform attention) the
+    // tokens move the result only about 6e-5 (the Python reference, token scale 0.5 or 3
+    // alike: the blocks' layer norms undo the scale), six times the tolerance, so an edit
+    // that dropped the tokens from its forwards would still fail.
     let x_src = &ours("plain")["x_src.0"];
     let diff = |a: usize, b: &Tensor| (&edited[a] - b).abs().max().double_value(&[]);
     let moved = diff(0, x_src);
@@ -1056,7 +1057,7 @@ fn flowedit_matches_the_python_reference() {
         "tokens do not reach the edit: {tokens_edit}"
     );
     assert!(
-        tokens_tail > 1e-3,
+        tokens_tail > 2e-5,
         "tokens do not reach the tail: {tokens_tail}"
     );
 
