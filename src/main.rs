@@ -55,6 +55,12 @@ enum Command {
     /// LoRA tools (`lora merge`: LoRA files merged into a model folder).
     #[command(subcommand)]
     Lora(cli::lora::Command),
+    /// Edit images with FlowEdit (flow-matching models: SD3 / SD3.5, the shapes MMDiT): a
+    /// source image, its prompt and target prompts, or a JSONL file of edit jobs.
+    Edit(cli::edit::Args),
+    /// The shapes world's editing benchmark: held-out edit tasks with ground truth, FlowEdit by
+    /// the base model and + tokens over target CFG scales and n_max values, scored exactly.
+    EvalEdit(cli::eval_edit::Args),
     /// Convert the SoftREPA release's dc_tokens.pth / dc_t_tokens.pth into an adapter file.
     ImportTokens(cli::import_tokens::Args),
 }
@@ -76,6 +82,8 @@ fn main() {
         Command::Lora(c) => cli::lora::run(c),
         Command::ImportTokens(a) => cli::import_tokens::run(a),
         Command::Detect(a) => cli::detect::run(a),
+        Command::Edit(a) => cli::edit::run(a),
+        Command::EvalEdit(a) => cli::eval_edit::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -96,7 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// A folder that already holds files would mix earlier images with these (same names,
 /// another model or seed): refused, as `eval` refuses.
-fn refuse_used_folder(out: &Path) -> anyhow::Result<()> {
+pub fn refuse_used_folder(out: &Path) -> anyhow::Result<()> {
     let used = std::fs::read_dir(out)
         .map(|mut entries| entries.next().is_some())
         .unwrap_or(false);

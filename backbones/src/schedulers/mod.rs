@@ -2,6 +2,7 @@
 pub mod ddim;
 pub mod ddim_log_prob;
 pub mod ddpm;
+pub mod flow_edit;
 pub mod flow_match_euler;
 
 /// Checks a recipe's `[sampler] guidance`: classifier-free guidance needs a finite scale, and

@@ -2,6 +2,8 @@
 //! exactly. Images are 32 x 32 px, white, with 1 to 4 circles, squares, triangles or diamonds
 //! in red, green, blue, yellow or purple.
 pub mod captions;
+pub mod edit_score;
+pub mod edits;
 pub mod heldout;
 pub mod oracle;
 pub mod palette;

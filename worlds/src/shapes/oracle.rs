@@ -91,7 +91,7 @@ pub fn scene_for_prompt<R: Rng + ?Sized>(
 
 /// `rel` holds by GenEval's rule even with `a` moved a pixel in any diagonal direction, so
 /// the pixel-rounded boxes a detector reports still satisfy it.
-fn clearly(a: &[f32; 4], b: &[f32; 4], rel: Relation, threshold: f32) -> bool {
+pub(crate) fn clearly(a: &[f32; 4], b: &[f32; 4], rel: Relation, threshold: f32) -> bool {
     [(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)]
         .iter()
         .all(|&(dx, dy)| {
