@@ -932,7 +932,8 @@ fn flowedit_matches_the_python_reference() {
     // Soft tokens large enough to move the output, in the joint space of both blocks.
     let sd3 = build(serde_json::json!({"type": "sd3", "path": folder}));
     let spec: Box<dyn AdapterSpec> = serde_json::from_value(serde_json::json!({
-        "type": "soft_tokens", "tokens": 2, "sites": "joint_blocks[0..2]", "token_space": "joint"
+        "type": "soft_tokens", "tokens": 2, "sites": "joint_blocks[0..2]", "token_space": "joint",
+        "time_buckets": 100
     }))
     .unwrap();
     let mut adapter = spec.build(sd3.info(), &BuildContext::cpu(".")).unwrap();

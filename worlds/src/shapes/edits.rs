@@ -264,17 +264,10 @@ fn draw<R: Rng + ?Sized>(rng: &mut R, kind: EditKind) -> Result<Option<Drawn>> {
                 )
             };
             let check = placed(rel);
-            let source = scene_for_prompt(rng, &check, &cfg, 0)?;
-            let mut target = source.clone();
-            let threshold = JudgeConfig::geneval().position_threshold;
-            let anchor = source.objects[0];
-            let new_rel = rel.opposite();
-            let Some(o) = place_one(rng, &cfg, &source.objects[..1], source.objects[1], |o| {
-                clearly(&o.bbox(), &anchor.bbox(), new_rel, threshold)
-            }) else {
+            let Some((source, target)) = move_scenes(rng, &cfg, (s1, c1), (s0, c0), rel) else {
                 return Ok(None);
             };
-            target.objects[1] = o;
+            let new_rel = rel.opposite();
             (check, source, target, vec![1], vec![1], placed(new_rel))
         }
     };
@@ -290,6 +283,51 @@ fn draw<R: Rng + ?Sized>(rng: &mut R, kind: EditKind) -> Result<Option<Drawn>> {
         },
         source_check,
     }))
+}
+
+/// The source and target scenes of a move: `anchor` near the middle of the canvas along the
+/// relation's axis, `subject` clearly at `rel` of it in the source and clearly at the opposite
+/// side in the target. Why not the oracle's layout: it puts the pair wherever it fits, so the
+/// anchor usually sits against the edge the subject must move past, and on a 32 px canvas an
+/// object of the world's usual sizes (8-13 px) has no room there. Both objects are drawn at
+/// the small end of the world's sizes, so that the anchor leaves room on both sides.
+fn move_scenes<R: Rng + ?Sized>(
+    rng: &mut R,
+    cfg: &SceneConfig,
+    anchor: (Shape, Color),
+    subject: (Shape, Color),
+    rel: Relation,
+) -> Option<(Scene, Scene)> {
+    let threshold = JudgeConfig::geneval().position_threshold;
+    let small = |rng: &mut R| rng.gen_range(cfg.min_size..=cfg.min_size + 1.5);
+    let middle = cfg.image_size as f32 / 2.0;
+    let horizontal = matches!(rel, Relation::LeftOf | Relation::RightOf);
+    let proto = |(shape, color): (Shape, Color), size| Object {
+        shape,
+        color,
+        cx: 0.0,
+        cy: 0.0,
+        size,
+    };
+    let anchor_size = small(rng);
+    let a = place_one(rng, cfg, &[], proto(anchor, anchor_size), |o| {
+        let along = if horizontal { o.cx } else { o.cy };
+        (along - middle).abs() <= 1.5
+    })?;
+    let subject_size = small(rng);
+    let sub = proto(subject, subject_size);
+    let at = |rng: &mut R, r: Relation| {
+        place_one(rng, cfg, &[a], sub, |o| {
+            clearly(&o.bbox(), &a.bbox(), r, threshold)
+        })
+    };
+    let before = at(rng, rel)?;
+    let after = at(rng, rel.opposite())?;
+    let scene = |o: Object| Scene {
+        image_size: cfg.image_size,
+        objects: vec![a, o],
+    };
+    Some((scene(before), scene(after)))
 }
 
 /// `proto` (its shape, colour and size) at a random position clear of `others` by the
