@@ -80,3 +80,96 @@ fn eval_writes_geneval_layout_and_a_consistent_summary() {
         summary.to_text()
     );
 }
+
+/// `softalign eval-edit` on a tiny shapes model with tokens: a folder and results per run,
+/// a summary whose counts follow from each run's results.jsonl, tokens paired with the base
+/// at every setting, and a setting FlowEdit cannot run refused before any editing.
+#[test]
+fn eval_edit_scores_every_run_and_pairs_tokens_with_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let train = tmp.path().join("tokens");
+    softalign(&[
+        "train",
+        "--recipe",
+        "recipes/shapes/softrepa.toml",
+        "--set",
+        &format!("backbone.path={}", model.display()),
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.images_per_step=2",
+        "--quiet",
+        "--run-dir",
+        s(&train),
+    ]);
+    let adapter = train.join("final/adapter.safetensors");
+    let out = tmp.path().join("edit");
+    let args = |out: &std::path::Path, n_max: &'static str| {
+        vec![
+            "eval-edit".to_string(),
+            "--model".into(),
+            s(&model).into(),
+            "--adapter".into(),
+            s(&adapter).into(),
+            "--per-kind".into(),
+            "1".into(),
+            "--steps".into(),
+            "4".into(),
+            "--n-max".into(),
+            n_max.into(),
+            "--tar-guidance".into(),
+            "2,5".into(),
+            "--quiet".into(),
+            "--out".into(),
+            s(out).into(),
+        ]
+    };
+    let a = args(&out, "2");
+    let run = softalign(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let stdout = String::from_utf8_lossy(&run.stdout);
+
+    let summary: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // "no edit", then base and tokens at 2 target CFG scales.
+    assert_eq!(summary.len(), 5, "{summary:?}");
+    for r in &summary[1..] {
+        let name = r["run"].as_str().unwrap();
+        let lines = std::fs::read_to_string(out.join(name).join("results.jsonl")).unwrap();
+        let results: Vec<serde_json::Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(results.len(), 4, "{name}: one edit per kind");
+        let correct = results
+            .iter()
+            .filter(|x| x["score"]["target_correct"].as_bool().unwrap())
+            .count();
+        assert_eq!(
+            r["target_correct"].as_u64().unwrap() as usize,
+            correct,
+            "{name}"
+        );
+        assert!(out.join(name).join("003.png").is_file(), "{name}");
+    }
+    // Unedited sources are never right for their target prompts (the tasks need their edit).
+    assert_eq!(summary[0]["target_correct"], 0);
+    assert!(out.join("grid.png").is_file());
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("Tokens against the base"), "{report}");
+    assert_eq!(
+        report.matches("| McNemar p |").count() + stdout.matches("| McNemar p |").count(),
+        2
+    );
+
+    let bad = tmp.path().join("bad");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_softalign"))
+        .args(args(&bad, "2,5"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--n-max 5"), "{err}");
+    assert!(!bad.join("summary.json").exists());
+}

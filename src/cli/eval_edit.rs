@@ -169,6 +169,41 @@ fn kind_table(runs: &[RunScores], tasks: &[EditTask]) -> String {
     s
 }
 
+/// Tokens against the base at the same setting, edit by edit (same tasks, same noise): how
+/// many edits the tokens fixed and broke, by the target verdict, with the exact McNemar test.
+fn paired_table(runs: &[RunScores]) -> String {
+    let mut s = String::from(
+        "| target CFG | n_max | base correct | tokens correct | fixed | broken | McNemar p |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let base = runs.iter().filter(|r| r.label == "base");
+    for b in base {
+        let Some(t) = runs.iter().find(|r| {
+            r.label == "tokens" && r.tar_guidance == b.tar_guidance && r.n_max == b.n_max
+        }) else {
+            continue;
+        };
+        let pairs = || b.scores.iter().zip(&t.scores);
+        let fixed = pairs()
+            .filter(|(x, y)| !x.target_correct && y.target_correct)
+            .count();
+        let broken = pairs()
+            .filter(|(x, y)| x.target_correct && !y.target_correct)
+            .count();
+        let correct = |r: &RunScores| r.scores.iter().filter(|s| s.target_correct).count();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {fixed} | {broken} | {:.3} |",
+            b.tar_guidance.unwrap_or_default(),
+            b.n_max.unwrap_or_default(),
+            correct(b),
+            correct(t),
+            super::paired::mcnemar_exact(fixed, broken)
+        );
+    }
+    s
+}
+
 fn run_name(r: &RunScores) -> String {
     match (r.tar_guidance, r.n_max) {
         (Some(g), Some(n)) => format!("{}-cfg{g}-nmax{n}", r.label),
@@ -336,14 +371,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
          move; task seed {}), {}; target CFG and n_max as in each row, noise seed {}.\n\
          Model: {}.\n\nIntervals: Wilson 95% for rates, normal 95% for the mean pixel \
          distance (x100, 0..100 of the RGB range, outside the edited objects).\n\n```\n{text}```\n\n\
-         Target prompt correct, by edit kind:\n\n{}",
+         Target prompt correct, by edit kind:\n\n{}{}",
         tasks.len(),
         a.per_kind,
         a.task_seed,
         how,
         a.seed,
         model.describe(),
-        kind_table(&runs, &tasks)
+        kind_table(&runs, &tasks),
+        if runs.iter().any(|r| r.label == "tokens") {
+            format!(
+                "\nTokens against the base, edit by edit (target verdict):\n\n{}",
+                paired_table(&runs)
+            )
+        } else {
+            String::new()
+        }
     );
     std::fs::write(a.out.join("report.md"), report)?;
     let summary: Vec<serde_json::Value> = runs
@@ -375,6 +418,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.out.display()
     );
     print!("{text}");
+    if runs.iter().any(|r| r.label == "tokens") {
+        print!("{}", paired_table(&runs));
+    }
     Ok(())
 }
 
