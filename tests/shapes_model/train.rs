@@ -1,8 +1,6 @@
 //! Full-parameter `softalign train` on the shapes preset: a few steps on a tiny split write a
 //! pipeline folder that loads, whose weights moved from the initial ones, text tower included.
-mod common;
-
-use common::{softalign_train, world_image_manifest};
+use crate::common::{softalign_train, world_image_manifest};
 use softalign_backbones::sd3::{FlowMatch, TimestepSampling};
 use softalign_backbones::shapes::{ShapesBackbone, ShapesConfig};
 use softalign_core::backbone::Backbone;

@@ -1,10 +1,5 @@
 //! The demo's comparison table and report.md, from summaries of known results.
-#[path = "../src/cli/paired.rs"]
-mod paired;
-#[path = "../src/cli/report.rs"]
-mod report;
-
-use report::{cell, markdown_table, report_markdown, text_table, Column, ReportInput};
+use crate::report::{cell, markdown_table, report_markdown, text_table, Column, ReportInput};
 use softalign_worlds::geneval::{wilson_interval, EvalPrompt, ImageResult, Summary, Tag};
 
 /// `k` correct of `n` images of one prompt per tag in `tags`.
@@ -140,7 +135,7 @@ fn report_holds_table_settings_timings_and_grids() {
         grid_prompts: &["a photo of a circle".into()],
         paired: &[(
             "+AGSM".into(),
-            paired::paired(
+            crate::paired::paired(
                 &results(&[(Tag::TwoObject, 2, 4)]),
                 &results(&[(Tag::TwoObject, 3, 4)]),
             ),
@@ -165,7 +160,7 @@ fn paired_counts_fixed_and_broken_images_per_category() {
     // counting 3 of 3 before, 0 of 3 after (three broken).
     let before = results(&[(Tag::TwoObject, 2, 4), (Tag::Counting, 3, 3)]);
     let after = results(&[(Tag::TwoObject, 3, 4), (Tag::Counting, 0, 3)]);
-    let rows = paired::paired(&before, &after);
+    let rows = crate::paired::paired(&before, &after);
     let row = |t: Option<Tag>| rows.iter().find(|r| r.tag == t).unwrap().clone();
     let two = row(Some(Tag::TwoObject));
     assert_eq!((two.pairs, two.gained, two.lost), (4, 1, 0));

@@ -1,9 +1,7 @@
 //! `softalign demo` end to end at toy size: a tiny base (2 pretraining steps), 2 training steps per recipe
 //! through the shipped shapes recipes, one prompt per category, 2 sampling steps. Checks the
 //! run folder (three evaluations on the same noise, adapters, grids, report) and the table.
-mod shapes_demo_common;
-
-use shapes_demo_common::{pretrained, s, softalign, tiny_model};
+use crate::common::{pretrained, s, softalign, tiny_model};
 use softalign_worlds::geneval::{read_geneval_folder, read_results_jsonl, Summary};
 
 #[test]

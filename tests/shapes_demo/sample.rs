@@ -1,9 +1,7 @@
 //! `softalign sample` on a tiny shapes model: N PNGs per prompt and a grid, the same
 //! files again for the same seed, other images for another seed, and noise that depends on
 //! (seed, prompt, image) only, not on how prompts are batched.
-mod shapes_demo_common;
-
-use shapes_demo_common::{png_files, s, softalign, tiny_model};
+use crate::common::{png_files, s, softalign, tiny_model};
 
 fn sample(model: &str, out: &std::path::Path, extra: &[&str]) {
     let mut args = vec![

@@ -1,11 +1,9 @@
 //! `softalign eval` on a tiny shapes model: GenEval's folder layout, one results line
 //! per image, and a summary whose counts, accuracies and overall score follow from
 //! results.jsonl.
-mod shapes_demo_common;
-
 use std::collections::BTreeMap;
 
-use shapes_demo_common::{s, softalign, tiny_model};
+use crate::common::{s, softalign, tiny_model};
 use softalign_worlds::geneval::{
     read_geneval_folder, read_metadata_jsonl, read_results_jsonl, wilson_interval, Summary,
 };

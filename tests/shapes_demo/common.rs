@@ -1,5 +1,4 @@
 //! Shared by the shapes demo tests: a tiny shapes base model folder and running the binary.
-#![allow(dead_code)]
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
