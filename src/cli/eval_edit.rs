@@ -366,6 +366,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     let text = table(&runs);
     std::fs::write(a.out.join("table.txt"), &text)?;
+    let paired = runs
+        .iter()
+        .any(|r| r.label == "tokens")
+        .then(|| paired_table(&runs));
     let report = format!(
         "# Shapes-world editing benchmark\n\n{} tasks ({} per kind: colour, shape, count, \
          move; task seed {}), {}; target CFG and n_max as in each row, noise seed {}.\n\
@@ -379,14 +383,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.seed,
         model.describe(),
         kind_table(&runs, &tasks),
-        if runs.iter().any(|r| r.label == "tokens") {
-            format!(
-                "\nTokens against the base, edit by edit (target verdict):\n\n{}",
-                paired_table(&runs)
-            )
-        } else {
-            String::new()
-        }
+        paired
+            .as_ref()
+            .map(|t| format!("\nTokens against the base, edit by edit (target verdict):\n\n{t}"))
+            .unwrap_or_default()
     );
     std::fs::write(a.out.join("report.md"), report)?;
     let summary: Vec<serde_json::Value> = runs
@@ -418,8 +418,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.out.display()
     );
     print!("{text}");
-    if runs.iter().any(|r| r.label == "tokens") {
-        print!("{}", paired_table(&runs));
+    if let Some(t) = &paired {
+        print!("{t}");
     }
     Ok(())
 }

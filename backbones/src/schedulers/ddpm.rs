@@ -114,6 +114,13 @@ impl DdpmNoise {
                 "DDPM noise predicts epsilon or v_prediction, not flow velocity".into(),
             ));
         }
+        if betas.rescale_betas_zero_snr && prediction != Prediction::VPrediction {
+            return Err(Error::Recipe(
+                "`rescale_betas_zero_snr = true` needs `prediction_type = \"v_prediction\"` (an \
+                 epsilon model's x0 is undefined at zero SNR)"
+                    .into(),
+            ));
+        }
         let alphas_cumprod = Vec::<f32>::try_from(&betas.alphas_cumprod())
             .map_err(|e| Error::invalid(format!("alphas_cumprod: {e}")))?;
         Ok(Self {

@@ -153,6 +153,15 @@ fn dit_zero_init(vs: &VarStore, num_layers: i64) {
     }
 }
 
+/// `[backbone] ddpm` (or [`ShapesBackbone::reparameterize`]) on an MMDiT base.
+pub(crate) fn ddpm_on_an_mmdit() -> Error {
+    Error::Recipe(
+        "backbone shapes: `ddpm` settings apply to a UNet base; this one is an MMDiT (rectified \
+         flow)"
+            .into(),
+    )
+}
+
 /// The training noise of a denoiser: `flow` for an MMDiT; for a UNet the DDPM schedule and
 /// prediction type of its folder's scheduler_config.json (or the preset's, [`unet_betas`] and
 /// epsilon).
@@ -406,23 +415,12 @@ impl ShapesBackbone {
     /// stay. An MMDiT is refused (it trains with rectified flow).
     pub fn reparameterize(&mut self, prediction: Prediction, zero_snr: bool) -> Result<()> {
         let ShapesNoise::Ddpm(d) = &self.noise else {
-            return Err(Error::Recipe(
-                "backbone shapes: `ddpm` settings apply to a UNet base; this one is an MMDiT \
-                 (rectified flow)"
-                    .into(),
-            ));
+            return Err(ddpm_on_an_mmdit());
         };
         let betas = BetaConfig {
             rescale_betas_zero_snr: zero_snr,
             ..d.betas.clone()
         };
-        if zero_snr && prediction != Prediction::VPrediction {
-            return Err(Error::Recipe(
-                "backbone shapes: `ddpm.rescale_betas_zero_snr = true` needs `prediction_type = \
-                 \"v_prediction\"` (an epsilon model's x0 is undefined at zero SNR)"
-                    .into(),
-            ));
-        }
         self.noise = ShapesNoise::Ddpm(DdpmNoise::new(betas, prediction)?);
         self.info.prediction = prediction;
         Ok(())

@@ -167,11 +167,7 @@ impl BackboneSpec for ShapesSpec {
         let mut info = info(&cfg)?;
         if let Some(o) = &self.ddpm {
             if !matches!(cfg.denoiser, Denoiser::Unet(_)) {
-                return Err(Error::Recipe(
-                    "backbone shapes: `ddpm` settings apply to a UNet base; this one is an \
-                     MMDiT (rectified flow)"
-                        .into(),
-                ));
+                return Err(super::model::ddpm_on_an_mmdit());
             }
             info.prediction = o.prediction()?;
         } else if let (Some(p), Denoiser::Unet(_)) = (&self.path, &cfg.denoiser) {
