@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 #[path = "../common/mod.rs"]
-mod python;
+pub mod python;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -1,11 +1,10 @@
 //! Each objective against the straightforward Python reference (one forward per pair) on the
 //! same tiny checkpoint and batch files: every term, the weighted total and the gradients
 //! w.r.t. the adapter's tensors, for B = 2, 3, 4, chunked and unchunked forwards.
-mod objectives_common;
 
 use std::collections::BTreeMap;
 
-use objectives_common as common;
+use crate::objectives_common as common;
 use softalign_core::adapter::Adapter;
 use softalign_core::objective::Objective;
 use softalign_core::plugin::ObjectiveSpec;

@@ -1,7 +1,6 @@
 //! CLIP text encoder parity against transformers 5.23.0: tiny random CLIPTextModel /
 //! CLIPTextModelWithProjection folders written by `tests/python/clip_fixtures.py` (run once per
 //! test binary), plus loading, saving and config behaviour.
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-use common::Fixtures;
+use crate::common::Fixtures;
 
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();

@@ -1,7 +1,7 @@
 //! `softalign loss` on a tiny diffusers SD3 checkpoint against a pair-by-pair Python reference
 //! (bare backbone), chunked and unchunked; a seeded run with adapters; and the shipped SD3
 //! recipes passing `softalign recipe check`.
-mod common;
+use crate::objectives_common::python as common;
 
 use std::path::Path;
 use std::process::Command;

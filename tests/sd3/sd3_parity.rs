@@ -2,7 +2,7 @@
 //! `tests/python/sd3_fixtures.py` (run once per test binary), the soft-token injection against
 //! a Python reference of SoftREPA's Algorithm 1, the `softalign forward` command, and the
 //! FlowMatch Euler schedule against diffusers' scheduler.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -20,7 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 const TOL: f64 = 1e-4;
 
-use common::Fixtures;
+use crate::common::Fixtures;
 
 fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
@@ -294,4 +294,54 @@ fn flow_match_euler_schedule_matches_diffusers() {
         "FlowMatch Euler schedules bit-identical to diffusers: {:?}",
         all.keys().collect::<Vec<_>>()
     );
+}
+
+/// `scripts/gpu-check.sh` in its smoke form on the CPU: the prepared GPU check runs end to end
+/// (tiny folders, parity in f32 and bf16 within its bounds, the side-by-side speed table with
+/// both columns filled), so a session that is lent a device finds it working.
+#[test]
+fn gpu_check_smoke_runs_on_the_cpu() {
+    let out = tempfile::tempdir().unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let py = std::env::var("SOFTALIGN_PYTHON").unwrap_or_else(|_| "python3".into());
+    let run = std::process::Command::new(root.join("scripts/gpu-check.sh"))
+        .env("PYTHON", &py)
+        .args([
+            "--device",
+            "cpu",
+            "--smoke",
+            "--bin",
+            env!("CARGO_BIN_EXE_softalign"),
+        ])
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "gpu-check failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = common::read_json(out.path(), "gpu-check.json");
+    let parity = report["parity"].as_array().unwrap();
+    assert_eq!(parity.len(), 8, "4 models x f32, bf16");
+    for row in parity {
+        assert_eq!(row["pass"], true, "{row}");
+        if row["dtype"] == "f32" {
+            assert!(row["sa_err"].as_f64().unwrap() < 2e-5, "{row}");
+        }
+    }
+    let speed = &report["speed"][0];
+    for side in ["softalign", "pytorch"] {
+        let rows = speed[side]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {side} rows: {speed}"));
+        assert!(rows.len() >= 4, "{side}: {rows:?}");
+        assert!(rows
+            .iter()
+            .all(|r| r["ms_per_step"].as_f64().unwrap() > 0.0));
+    }
+    let md = std::fs::read_to_string(out.path().join("gpu-check.md")).unwrap();
+    assert!(md.contains("| training step: + soft tokens |"), "{md}");
 }

@@ -1,10 +1,9 @@
 //! The step context's sharing, the contrastive gradient against finite differences, and short
 //! training runs in which each objective lowers its own loss (logged to metrics.jsonl).
-mod objectives_common;
 
 use std::io::Write;
 
-use objectives_common as common;
+use crate::objectives_common as common;
 use softalign_core::adapter::Adapter;
 use softalign_core::objective::Objective;
 use softalign_core::plugin::ObjectiveSpec;

@@ -3,7 +3,7 @@
 //! transformers `CLIPTokenizer` (byte-level BPE) folders load here with identical ids, both
 //! padded and truncated the way diffusers calls CLIP's tokenizer. One Python run per binary
 //! (`tests/python/clip_tokenizer.py`).
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

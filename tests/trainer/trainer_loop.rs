@@ -227,6 +227,16 @@ fn child_interrupted_run() {
     unreachable!("the task blocks at step {block}");
 }
 
+/// `child_interrupted_run` as libtest names it: its module path inside this test binary.
+fn child_test_name() -> String {
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    if module.is_empty() {
+        "child_interrupted_run".into()
+    } else {
+        format!("{module}::child_interrupted_run")
+    }
+}
+
 #[test]
 fn resume_after_sigkill_is_bit_identical() {
     let _serial = serial();
@@ -251,12 +261,7 @@ fn resume_after_sigkill_is_bit_identical() {
     // and 8 ran past the last checkpoint and are lost with the process.
     std::fs::create_dir_all(&resumed).unwrap();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_interrupted_run",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", &child_test_name(), "--ignored", "--nocapture"])
         .env(ENV_RUN_DIR, &resumed)
         .env(ENV_BLOCK_AT, "8")
         .stdout(std::process::Stdio::null())
