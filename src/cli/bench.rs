@@ -22,8 +22,15 @@ pub struct Args {
     /// A full-size config with random weights (sd3: sd3-medium, sd3.5-medium, sd3.5-large;
     /// unet: sd15, sdxl); default: a small model sized for a 2-core CPU (MMDiT 8 blocks of
     /// width 128; UNet with SD1.5's layout at widths 32..128).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
+    /// A diffusers `config.json` (SD3Transformer2DModel or UNet2DConditionModel) to build with
+    /// random weights instead of a preset: the same model a PyTorch side-by-side builds.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Also write the table as JSON (one object per case) to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
     /// UNet only: block groups that get the soft tokens.
     #[arg(long, value_delimiter = ',', default_value = "down")]
     pub unet_sites: Vec<String>,
@@ -73,6 +80,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(p) = &a.preset {
         cfg.model = Sd3Config::preset(p).context("--preset")?;
     }
+    if let Some(f) = &a.config {
+        cfg.model = Sd3Config::from_file(f).context("--config")?;
+    }
     cfg.batch = a.batch;
     cfg.resolution = a.resolution;
     cfg.text_len = a.text_len;
@@ -104,7 +114,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     print_header();
     let rows = run_bench(&cfg, print_row)?;
     print_overheads(&rows, cfg.device);
-    Ok(())
+    write_json(a.json.as_deref(), &rows)
+}
+
+/// `--json`: the rows as `[{case, ms_per_step, pairs_per_s, host_peak_mib}]`, for scripts
+/// that put softalign beside another implementation.
+pub fn write_json(path: Option<&std::path::Path>, rows: &[BenchRow]) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let v: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "case": r.case,
+                "ms_per_step": r.ms_per_step,
+                "pairs_per_s": r.pairs_per_s,
+                "host_peak_mib": r.host_peak_mib,
+            })
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string_pretty(&v)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The table's header line (every backbone's bench prints the same table).

@@ -5,12 +5,15 @@ use softalign_backbones::unet::bench::{run as run_bench, BenchConfig};
 use softalign_backbones::unet::UNetConfig;
 use softalign_core::dtype::{DType, DeviceSpec};
 
-use super::bench::{print_header, print_overheads, print_row, Args};
+use super::bench::{print_header, print_overheads, print_row, write_json, Args};
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = BenchConfig::small_cpu();
     if let Some(p) = &a.preset {
         cfg.model = UNetConfig::preset(p).context("--preset")?;
+    }
+    if let Some(f) = &a.config {
+        cfg.model = UNetConfig::from_file(f).context("--config")?;
     }
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
@@ -43,5 +46,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     print_header();
     let rows = run_bench(&cfg, print_row)?;
     print_overheads(&rows, cfg.device);
-    Ok(())
+    write_json(a.json.as_deref(), &rows)
 }
