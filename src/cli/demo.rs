@@ -49,8 +49,9 @@ pub struct Args {
     #[command(flatten)]
     pub prompt_set: PromptSet,
     /// Images per evaluation prompt (more images narrow the intervals; each costs one sampling
-    /// run per model, so fewer shorten the demo).
-    #[arg(long, default_value_t = 4)]
+    /// run per model, so fewer shorten the demo). The default 2 keeps `make demo` within 10
+    /// minutes on a 2-core CPU; `--n 4` is the bases' NOTE.md tables (512 images per model).
+    #[arg(long, default_value_t = 2)]
     pub n: usize,
     /// Sampling steps (default: the SoftREPA recipe's `[sampler]`, else 20).
     #[arg(long)]
