@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 /// The shipped bases and the guidance scale their demo recipes sample with.
 const BASES: [(&str, f64); 2] = [("shapes-mmdit", 4.0), ("shapes-unet", UNET_GUIDANCE)];
-const UNET_GUIDANCE: f64 = 4.0;
+const UNET_GUIDANCE: f64 = 2.0;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -190,9 +190,9 @@ fn draws_what_it_is_asked(dir: &Path, bb: &ShapesBackbone, guidance: f64) {
         ok as f64 / n as f64
     );
     // A trained base draws on the world's white canvas, where noise, a collapsed model or a
-    // broken sampler would not; and it gets some images right. (The shipped bases still draw
-    // blobs rather than shapes: their NOTE.md files give their GenEval scores, far below the
-    // targets of issue 22; these floors catch breakage, not quality.)
+    // broken sampler would not; and it gets a quarter of the images right. (Their NOTE.md
+    // files give 63 % (UNet) and 44 % (MMDiT) on 512 held-out images; these floors catch
+    // breakage, not quality.)
     let white = images
         .min_dim(1, false)
         .0
@@ -204,6 +204,11 @@ fn draws_what_it_is_asked(dir: &Path, bb: &ShapesBackbone, guidance: f64) {
     assert!(
         white > 0.5,
         "{}: only {white:.3} of the pixels are background-white",
+        dir.display()
+    );
+    assert!(
+        ok * 4 >= n,
+        "{}: only {ok} of {n} images correct (floor: a quarter)",
         dir.display()
     );
 }
