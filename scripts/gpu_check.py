@@ -64,22 +64,16 @@ def rel_err(a, truth):
 
 
 # ---------------------------------------------------------------- parity: model makers
+# The tiny configs and inputs are the parity fixtures' own (tests/python), run here on a device.
 def make_sd3(qk_norm):
     from diffusers import SD3Transformer2DModel
-    cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
-               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-               caption_projection_dim=16, pooled_projection_dim=10, pos_embed_max_size=8,
-               qk_norm=qk_norm)
-    m = SD3Transformer2DModel(**cfg)
-    g = torch.Generator().manual_seed(1)
-    inp = {"hidden_states": torch.randn(2, 4, 8, 8, generator=g),
-           "timestep": torch.tensor([37.5, 912.0]),
-           "encoder_hidden_states": torch.randn(2, 5, 12, generator=g),
-           "pooled_projections": torch.randn(2, 10, generator=g)}
+    import sd3_fixtures as sf
+    cfg = dict(sf.BASE, num_layers=3, qk_norm=qk_norm)
+    inp = sf.inputs(cfg, (8, 8), torch.Generator().manual_seed(1))
 
     def fwd(model, x):
         return {"sample": model(**x, return_dict=False)[0]}
-    return m, inp, fwd
+    return SD3Transformer2DModel(**cfg), inp, fwd
 
 
 def make_unet(kind):
@@ -100,43 +94,36 @@ def make_unet(kind):
 
 def make_clip():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    cfg = CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, projection_dim=16,
-                         hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63)
-    m = CLIPTextModelWithProjection(cfg)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 62, (2, 16), generator=g)
-    ids[:, 0] = 62
-    ids[0, 9] = 63
-    ids[1, 15] = 63
-    inp = {"input_ids": ids}
+    import clip_fixtures as cf
+    _, over, (bos, eos, _, (lo, hi), _), _ = cf.CASES["legacy_proj_short"]
+    m = CLIPTextModelWithProjection(CLIPTextConfig(**{**cf.BASE, **over}))
+    ids = torch.randint(lo, hi, (2, cf.SEQ), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = bos
+    ids[0, 9:] = eos
+    ids[1, 15] = eos
 
     def fwd(model, x):
         o = model(input_ids=x["input_ids"])
         return {"last_hidden_state": o.last_hidden_state, "text_embeds": o.text_embeds}
-    return m, inp, fwd
+    return m, {"input_ids": ids}, fwd
 
 
 def make_t5():
     from transformers import T5Config, T5EncoderModel
-    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=3, num_heads=4,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=20,
-                   dropout_rate=0.0, feed_forward_proj="gated-gelu")
-    m = T5EncoderModel(cfg)
-    inp = {"input_ids": torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(4))}
+    import codecs_text as ct
+    m = T5EncoderModel(T5Config(**ct.T5_BASE, **ct.T5_CASES["gated_gelu"]))
+    ids = torch.randint(0, ct.T5_BASE["vocab_size"], (2, ct.SEQ),
+                        generator=torch.Generator().manual_seed(4))
 
     def fwd(model, x):
         return {"last_hidden_state": model(input_ids=x["input_ids"]).last_hidden_state}
-    return m, inp, fwd
+    return m, {"input_ids": ids}, fwd
 
 
 def make_vae():
     from diffusers import AutoencoderKL
-    m = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2,
-                      up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
-                      layers_per_block=1, norm_num_groups=4, sample_size=16, latent_channels=16,
-                      scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                      use_post_quant_conv=False)
+    import codecs_vae as cv
+    m = AutoencoderKL(**cv.BASE, **cv.CASES["kl16_sd3"])
     g = torch.Generator().manual_seed(5)
     inp = {"sample": torch.rand(2, 3, 16, 12, generator=g) * 2 - 1,
            "latents": torch.randn(2, 16, 8, 6, generator=g)}
@@ -327,6 +314,33 @@ def time_cases(cases, device, warmup, iters, batch):
     return rows
 
 
+def four_cases(run, x, tokens):
+    """The four steps softalign's bench times, in PyTorch: `run(x, tokens)` is one denoiser
+    forward (tokens None: the bare model). Gradients go to the input without tokens, else to
+    the tokens (fp32 parameters, cast to the model's dtype where they are injected)."""
+    def fwd():
+        with torch.no_grad():
+            run(x, None)
+
+    def fwd_tok():
+        with torch.no_grad():
+            run(x, tokens)
+
+    def train_in():
+        run(x.detach().requires_grad_(True), None).float().square().mean().backward()
+
+    def train_tok():
+        run(x, tokens).float().square().mean().backward()
+        for t in tokens:
+            t.grad = None
+    return [("sampling step: forward", fwd), ("sampling step: + soft tokens", fwd_tok),
+            ("training step: fwd+bwd (to input)", train_in), ("training step: + soft tokens", train_tok)]
+
+
+def randn(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, device=g.device, generator=g, dtype=dtype)
+
+
 def py_bench_sd3(cfg, a, device, dtype):
     from diffusers import SD3Transformer2DModel
     import sd3_fixtures as sf
@@ -335,40 +349,20 @@ def py_bench_sd3(cfg, a, device, dtype):
     model.requires_grad_(False)
     lat = a.resolution // 8
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(a.batch, cfg["in_channels"], lat, lat, device=device, generator=g, dtype=dtype)
-    inp = {"hidden_states": x,
-           "timestep": torch.randint(0, 1000, (a.batch,), device=device, generator=g).float(),
-           "encoder_hidden_states": torch.randn(a.batch, a.text_len, cfg["joint_attention_dim"],
-                                                device=device, generator=g, dtype=dtype),
-           "pooled_projections": torch.randn(a.batch, cfg["pooled_projection_dim"], device=device,
-                                             generator=g, dtype=dtype)}
+    inp = {"timestep": torch.randint(0, 1000, (a.batch,), device=device, generator=g).float(),
+           "encoder_hidden_states": randn(g, a.batch, a.text_len, cfg["joint_attention_dim"], dtype=dtype),
+           "pooled_projections": randn(g, a.batch, cfg["pooled_projection_dim"], dtype=dtype)}
+    x = randn(g, a.batch, cfg["in_channels"], lat, lat, dtype=dtype)
     jd = model.inner_dim
-    tokens = (torch.randn(a.token_blocks, a.tokens, jd, device=device) * 0.02).requires_grad_(True)
-    table = (torch.randn(100, a.token_blocks * jd, device=device) * 0.02).requires_grad_(True)
+    tokens = [(randn(g, a.token_blocks, a.tokens, jd) * 0.02).requires_grad_(True),
+              (randn(g, 100, a.token_blocks * jd) * 0.02).requires_grad_(True)]
 
-    def with_tokens():
-        return sf.injected_forward(model, inp, tokens.to(dtype), table.to(dtype), "joint", a.token_blocks)
-
-    def fwd():
-        with torch.no_grad():
-            model(**inp, return_dict=False)
-
-    def fwd_tok():
-        with torch.no_grad():
-            with_tokens()
-
-    def train_in():
-        xi = x.detach().requires_grad_(True)
-        model(**dict(inp, hidden_states=xi), return_dict=False)[0].float().square().mean().backward()
-
-    def train_tok():
-        with_tokens().float().square().mean().backward()
-        tokens.grad = None
-        table.grad = None
-    return run_py_cases(a, device, [("sampling step: forward", fwd),
-                                    ("sampling step: + soft tokens", fwd_tok),
-                                    ("training step: fwd+bwd (to input)", train_in),
-                                    ("training step: + soft tokens", train_tok)])
+    def run(xi, tok):
+        step = dict(inp, hidden_states=xi)
+        if tok is None:
+            return model(**step, return_dict=False)[0]
+        return sf.injected_forward(model, step, tok[0].to(dtype), tok[1].to(dtype), "joint", a.token_blocks)
+    return run_py_cases(a, device, four_cases(run, x, tokens))
 
 
 def py_bench_unet(cfg, a, device, dtype):
@@ -379,32 +373,16 @@ def py_bench_unet(cfg, a, device, dtype):
     model.requires_grad_(False)
     lat = a.resolution // 8
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(a.batch, cfg["in_channels"], lat, lat, device=device, generator=g, dtype=dtype)
-    inp = {"sample": x,
-           "timestep": torch.randint(0, 1000, (a.batch,), device=device, generator=g).float(),
-           "encoder_hidden_states": torch.randn(a.batch, a.unet_text_len, cfg["cross_attention_dim"],
-                                                device=device, generator=g, dtype=dtype)}
-    tokens = (torch.randn(1, a.tokens, cfg["cross_attention_dim"], device=device) * 0.02).requires_grad_(True)
+    inp = {"timestep": torch.randint(0, 1000, (a.batch,), device=device, generator=g).float(),
+           "encoder_hidden_states": randn(g, a.batch, a.unet_text_len, cfg["cross_attention_dim"], dtype=dtype)}
+    x = randn(g, a.batch, cfg["in_channels"], lat, lat, dtype=dtype)
+    tokens = [(randn(g, 1, a.tokens, cfg["cross_attention_dim"]) * 0.02).requires_grad_(True)]
 
-    def fwd():
-        with torch.no_grad():
-            model(x, inp["timestep"], inp["encoder_hidden_states"], return_dict=False)
-
-    def fwd_tok():
-        with torch.no_grad():
-            uf.tokens_forward(model, inp, tokens.to(dtype))
-
-    def train_in():
-        xi = x.detach().requires_grad_(True)
-        model(xi, inp["timestep"], inp["encoder_hidden_states"], return_dict=False)[0].float().square().mean().backward()
-
-    def train_tok():
-        uf.tokens_forward(model, inp, tokens.to(dtype)).float().square().mean().backward()
-        tokens.grad = None
-    return run_py_cases(a, device, [("sampling step: forward", fwd),
-                                    ("sampling step: + soft tokens", fwd_tok),
-                                    ("training step: fwd+bwd (to input)", train_in),
-                                    ("training step: + soft tokens", train_tok)])
+    def run(xi, tok):
+        if tok is None:
+            return model(xi, inp["timestep"], inp["encoder_hidden_states"], return_dict=False)[0]
+        return uf.tokens_forward(model, dict(inp, sample=xi), tok[0].to(dtype))
+    return run_py_cases(a, device, four_cases(run, x, tokens))
 
 
 def run_py_cases(a, device, cases):
