@@ -52,7 +52,8 @@ impl Built {
         };
         let info = recipe::check_for(&loaded, purpose)?;
         let r = &loaded.recipe;
-        let device = r.train.device.resolve()?;
+        // Under torchrun or srun each rank takes its own GPU.
+        let device = softalign_distributed::device_for_rank(r.train.device.resolve()?)?;
         let mut ctx = BuildContext {
             device,
             recipe_dir: loaded.dir.clone(),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use softalign_core::train::{train, ResumeFrom, TrainSummary, TrainerOptions};
+use softalign_core::train::{train, Collective, ResumeFrom, TrainSummary, TrainerOptions};
 
 use super::build::Built;
 
@@ -58,10 +58,26 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
     opts.progress = !a.quiet;
     opts.allow_recipe_change = a.allow_recipe_change;
     let (train_cfg, logging) = (r.train.clone(), r.logging.clone());
+    // torchrun / srun: join the other ranks (none: train alone, exactly as without a launcher).
+    let group = softalign_distributed::from_env(built.device)?;
+    let main = group.as_ref().is_none_or(|g| g.launch().rank == 0);
+    if let (true, Some(g)) = (main, &group) {
+        eprintln!(
+            "data-parallel: {} ranks ({}, {}), {} micro-batch(es) of {} images per rank per step",
+            g.launch().world,
+            g.launch().launcher,
+            g.backend().name(),
+            train_cfg.grad_accum,
+            train_cfg.images_per_step
+        );
+    }
+    opts.collective = group.map(|g| Box::new(g) as Box<dyn Collective>);
     let mut task = built.into_task()?;
     let s = train(&train_cfg, &logging, opts, &mut task)
         .with_context(|| format!("training into {}", run_dir.display()))?;
-    eprintln!("{}", summary_line(&s));
+    if main {
+        eprintln!("{}", summary_line(&s));
+    }
     Ok(s)
 }
 

@@ -1,6 +1,7 @@
 //! The trainer: the loop on a toy task, schedules and AdamW against torch, the W&B bridge and
 //! `softalign train` end to end, as one test binary (each binary links libtorch and the
 //! workspace again, which CI pays for in build time).
+mod data_parallel;
 mod train_cli;
 mod trainer_loop;
 mod trainer_torch_parity;

@@ -30,7 +30,7 @@ fn tiny() -> Sd3Config {
     }
 }
 
-fn write_fixture(dir: &Path, steps: u64) {
+pub(crate) fn write_fixture(dir: &Path, steps: u64) {
     tch::manual_seed(0);
     let cfg = tiny();
     let noise = FlowMatch::new(Default::default(), 1.0).unwrap();

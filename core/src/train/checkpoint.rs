@@ -52,6 +52,17 @@ pub struct CheckpointState {
     /// sha256 of the resolved recipe the run was started with.
     pub recipe_hash: String,
     pub softalign_version: String,
+    /// Ranks that trained up to here (1: a single process).
+    #[serde(default = "one")]
+    pub world_size: u32,
+    /// Micro-batches per optimizer step over all ranks (world size x grad_accum): a resume
+    /// that keeps this number draws exactly the data an uninterrupted run would have.
+    #[serde(default)]
+    pub micro_batches_per_step: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// What goes into one checkpoint.
@@ -301,6 +312,8 @@ mod tests {
 
     fn state(step: u64) -> CheckpointState {
         CheckpointState {
+            world_size: 1,
+            micro_batches_per_step: Some(1),
             step,
             seed: 1,
             bad_steps_in_row: 0,

@@ -14,6 +14,7 @@ use super::checkpoint::{self, CheckpointContents, CheckpointState, ResumeFrom};
 use super::config::TrainConfig;
 use super::ema::{copy_named, Ema};
 use super::optim::{clip_grads, global_grad_norm, AdamW};
+use super::parallel::{allreduce_grads, broadcast_from_main, Collective, Placement};
 use super::precision::check_trainable;
 use super::schedule::LrSchedule;
 use super::seed::seed_micro_step;
@@ -43,6 +44,9 @@ pub struct TrainerOptions {
     pub allow_recipe_change: bool,
     /// More metrics sinks besides metrics.jsonl and W&B.
     pub sinks: Vec<Box<dyn MetricsSink>>,
+    /// The other ranks of a data-parallel run (None: this process trains alone). Only rank 0
+    /// writes the run folder; see [`super::parallel`] for how a step is spread.
+    pub collective: Option<Box<dyn Collective>>,
 }
 
 impl TrainerOptions {
@@ -56,6 +60,7 @@ impl TrainerOptions {
             command: std::env::args().collect(),
             allow_recipe_change: false,
             sinks: Vec::new(),
+            collective: None,
         }
     }
 }
@@ -96,8 +101,17 @@ pub fn train(
     check_trainable(&params)?;
     let device = params[0].1.device();
     let hash = recipe_hash(&opts.recipe);
+    let collective = opts.collective.take();
+    let comm = collective.as_deref();
+    let place = Placement::of(comm);
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::file(&run_dir, e))?;
-    checkpoint::remove_partial(&run_dir)?;
+    if place.is_main() {
+        checkpoint::remove_partial(&run_dir)?;
+    }
+    if let Some(c) = comm {
+        // Nobody reads checkpoints while rank 0 is still clearing a half-written one.
+        c.barrier("the start of the run")?;
+    }
 
     let mut optim = AdamW::from_config(cfg, &params)?;
     let mut ema = cfg
@@ -163,29 +177,54 @@ pub fn train(
         start = st.step;
         counters.bad_in_row = st.bad_steps_in_row;
         counters.skipped = st.skipped_steps;
+        let now = place.micros_per_step(cfg.grad_accum);
+        let then = st.micro_batches_per_step;
+        if place.is_main() && then.is_some_and(|m| m != now) {
+            eprintln!(
+                "note: {} was trained with {} micro-batches per step ({} rank(s)), this run has {} \
+                 ({} rank(s) x train.grad_accum {}): the steps from {} on draw other data than \
+                 the uninterrupted run would have (keep ranks x grad_accum to resume exactly)",
+                dir.display(),
+                then.unwrap_or(1),
+                st.world_size,
+                now,
+                place.world,
+                cfg.grad_accum,
+                st.step
+            );
+        }
+    }
+    if let Some(c) = comm {
+        broadcast_from_main(c, &params)?;
     }
 
-    write_run_record(
-        &run_dir,
-        &RunRecord {
-            recipe: &opts.recipe,
-            command: &opts.command,
-            seed: opts.seed,
-            device,
-            resumed: opts.resume.is_some(),
-        },
-    )?;
     let mut sinks: Vec<Box<dyn MetricsSink>> = Vec::new();
-    sinks.push(Box::new(if opts.resume.is_some() {
-        JsonlSink::resume(&run_dir, start)?
-    } else {
-        JsonlSink::create(&run_dir)?
-    }));
-    if let Some(w) = &logging.wandb {
-        sinks.push(Box::new(WandbSink::start(w, &run_dir, &opts.recipe)?));
+    if place.is_main() {
+        write_run_record(
+            &run_dir,
+            &RunRecord {
+                recipe: &opts.recipe,
+                command: &opts.command,
+                seed: opts.seed,
+                device,
+                resumed: opts.resume.is_some(),
+            },
+        )?;
+        sinks.push(Box::new(if opts.resume.is_some() {
+            JsonlSink::resume(&run_dir, start)?
+        } else {
+            JsonlSink::create(&run_dir)?
+        }));
+        if let Some(w) = &logging.wandb {
+            sinks.push(Box::new(WandbSink::start(w, &run_dir, &opts.recipe)?));
+        }
+        sinks.append(&mut opts.sinks);
     }
-    sinks.append(&mut opts.sinks);
-    let progress = Progress::new(opts.progress && logging.progress, start, cfg.steps);
+    let progress = Progress::new(
+        opts.progress && logging.progress && place.is_main(),
+        start,
+        cfg.steps,
+    );
 
     let began = Instant::now();
     let mut run = Loop {
@@ -194,6 +233,8 @@ pub fn train(
         hash: &hash,
         run_dir: &run_dir,
         params: &params,
+        comm,
+        place,
         optim: &mut optim,
         ema: &mut ema,
         schedule: LrSchedule::from_config(cfg),
@@ -219,15 +260,18 @@ pub fn train(
     let elapsed_s = began.elapsed().as_secs_f64();
 
     let final_dir = run_dir.join(FINAL_DIR);
-    task.export(&final_dir, cfg.steps)?;
-    let final_ema_dir = match &ema {
-        Some(e) => {
-            let dir = run_dir.join(FINAL_EMA_DIR);
-            export_with(task, &mut params, e.tensors(), &dir, cfg.steps)?;
-            Some(dir)
+    let final_ema_dir = ema.as_ref().map(|_| run_dir.join(FINAL_EMA_DIR));
+    if place.is_main() {
+        task.export(&final_dir, cfg.steps)?;
+        if let (Some(e), Some(dir)) = (&ema, &final_ema_dir) {
+            export_with(task, &mut params, e.tensors(), dir, cfg.steps)?;
         }
-        None => None,
-    };
+    }
+    if let Some(c) = comm {
+        // Every rank returns once the result is written (and rank 0, which may host the
+        // rendezvous store, is the last to leave).
+        c.barrier("the end of the run")?;
+    }
     Ok(TrainSummary {
         steps: cfg.steps,
         start_step: start,
@@ -311,6 +355,8 @@ struct Loop<'a> {
     hash: &'a str,
     run_dir: &'a Path,
     params: &'a [(String, Tensor)],
+    comm: Option<&'a dyn Collective>,
+    place: Placement,
     optim: &'a mut AdamW,
     ema: &'a mut Option<Ema>,
     schedule: LrSchedule,
@@ -325,14 +371,15 @@ impl Loop<'_> {
     fn run(&mut self, task: &mut dyn TrainTask, start: u64) -> Result<()> {
         let cfg = self.cfg;
         let accum = cfg.grad_accum;
-        let scale = 1.0 / f64::from(accum);
+        let scale = 1.0 / f64::from(self.place.micros_per_step(accum));
         for step in start..cfg.steps {
             let t0 = Instant::now();
             zero_grads(self.params);
             let mut terms: BTreeMap<String, f64> = BTreeMap::new();
             let mut bad: Option<String> = None;
             let mut stop: Option<Error> = None;
-            for micro in 0..accum {
+            for local in 0..accum {
+                let micro = self.place.global_micro(local, accum);
                 seed_micro_step(self.seed, step, micro);
                 let m = MicroStep {
                     step,
@@ -354,6 +401,31 @@ impl Loop<'_> {
                     break;
                 }
             }
+            let mut allreduce_s = None;
+            if let Some(c) = self.comm {
+                let t_comm = Instant::now();
+                // Every rank joins this one all-reduce per step, even after a non-finite
+                // loss, so all ranks skip or step together.
+                let mut extra = vec![if bad.is_some() { 1.0 } else { 0.0 }];
+                extra.extend(terms.values());
+                let summed = allreduce_grads(c, self.params, &extra)?;
+                allreduce_s = Some(t_comm.elapsed().as_secs_f64());
+                if summed.len() != extra.len() {
+                    return Err(Error::invalid(
+                        "the all-reduced step values lost their length",
+                    ));
+                }
+                for (v, s) in terms.values_mut().zip(&summed[1..]) {
+                    *v = *s;
+                }
+                if summed[0] > 0.0 && bad.is_none() {
+                    bad = Some(format!(
+                        "loss on {} of {} ranks",
+                        summed[0].round(),
+                        self.place.world
+                    ));
+                }
+            }
             let (norm_t, grad_norm) = if bad.is_none() {
                 global_grad_norm(self.params)?
             } else {
@@ -372,12 +444,14 @@ impl Loop<'_> {
                 zero_grads(self.params);
                 self.counters.bad_in_row += 1;
                 self.counters.skipped += 1;
-                self.progress.println(&format!(
-                    "step {}: skipped, non-finite {reason} ({} in a row; the limit is train.max_bad_steps = {})",
-                    step + 1,
-                    self.counters.bad_in_row,
-                    cfg.max_bad_steps
-                ));
+                if self.place.is_main() {
+                    self.progress.println(&format!(
+                        "step {}: skipped, non-finite {reason} ({} in a row; the limit is train.max_bad_steps = {})",
+                        step + 1,
+                        self.counters.bad_in_row,
+                        cfg.max_bad_steps
+                    ));
+                }
                 if self.counters.bad_in_row >= cfg.max_bad_steps {
                     stop = Some(Error::invalid(format!(
                         "training stopped at step {}: {} consecutive steps had a non-finite loss \
@@ -411,6 +485,10 @@ impl Loop<'_> {
                 }
                 values.insert("grad_norm".into(), grad_norm);
                 values.insert("step_time_s".into(), step_time_s);
+                if let Some(t) = allreduce_s {
+                    // Rank 0's time in the gradient all-reduce (waiting for slower ranks included).
+                    values.insert("allreduce_s".into(), t);
+                }
                 values.insert("skipped".into(), if bad.is_some() { 1.0 } else { 0.0 });
                 for s in self.sinks.iter_mut() {
                     s.log(done, &values)?;
@@ -422,7 +500,7 @@ impl Loop<'_> {
                 return Err(e);
             }
             let every = cfg.checkpoint.every;
-            if (every > 0 && done % every == 0) || done == cfg.steps {
+            if self.place.is_main() && ((every > 0 && done % every == 0) || done == cfg.steps) {
                 self.checkpoint(task, done)?;
             }
         }
@@ -438,6 +516,8 @@ impl Loop<'_> {
                 skipped_steps: self.counters.skipped,
                 recipe_hash: self.hash.to_string(),
                 softalign_version: env!("CARGO_PKG_VERSION").to_string(),
+                world_size: self.place.world as u32,
+                micro_batches_per_step: Some(self.place.micros_per_step(self.cfg.grad_accum)),
             },
             params: self.params,
             optimizer: self.optim.state_tensors(),
