@@ -7,6 +7,12 @@
 //! the objectives and backpropagates to those leaves (dL/dpred); pass 2 re-runs each chunk with
 //! a graph and backpropagates the cached dL/dpred of its pairs into the adapters. Objectives
 //! only see the adapters through predictions, so the sum over chunks is the unchunked gradient.
+//!
+//! Split over ranks (`contrastive_scope = "global"`, [`StepContext::split_pairs`]), the same
+//! two passes serve data parallelism: every rank holds the whole step, computes only its share
+//! of the pairs in pass 1, and the shares are summed into the full predictions on every rank;
+//! each rank then backpropagates its own share in pass 2, and the ranks' gradients, summed by
+//! the trainer, are the gradient of the whole step.
 use std::cell::Cell;
 use std::collections::BTreeMap;
 
@@ -14,6 +20,7 @@ use softalign_core::adapter::{Adapter, Injection, TokenSelection};
 use softalign_core::backbone::{Backbone, Conditioning};
 use softalign_core::objective::{Objective, PredictionRequest, StepView};
 use softalign_core::site::SiteHook;
+use softalign_core::train::Collective;
 use softalign_core::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -76,6 +83,8 @@ pub struct StepContext<'a> {
     preference_pairs: bool,
     groups: BTreeMap<(TokenSelection, bool), Group>,
     forwards: Cell<usize>,
+    /// The ranks that share this step's pairs (None: this process computes them all).
+    ranks: Option<&'a dyn Collective>,
 }
 
 impl<'a> StepContext<'a> {
@@ -160,7 +169,27 @@ impl<'a> StepContext<'a> {
             preference_pairs: inputs.preference_pairs,
             groups: BTreeMap::new(),
             forwards: Cell::new(0),
+            ranks: None,
         })
+    }
+
+    /// Splits the pairs over the ranks of `c`, which all hold this same step.
+    pub fn split_pairs(mut self, c: &'a dyn Collective) -> Self {
+        if c.world() > 1 {
+            self.ranks = Some(c);
+        }
+        self
+    }
+
+    /// This rank's share of `pairs`: a contiguous block, the blocks as even as can be.
+    fn share(&self, pairs: Vec<i64>) -> Vec<i64> {
+        match self.ranks {
+            None => pairs,
+            Some(c) => {
+                let (n, w, r) = (pairs.len(), c.world(), c.rank());
+                pairs[n * r / w..n * (r + 1) / w].to_vec()
+            }
+        }
     }
 
     pub fn forwards(&self) -> usize {
@@ -266,7 +295,7 @@ impl<'a> StepContext<'a> {
     fn compute(&mut self, per: Option<i64>, graph: bool) -> Result<()> {
         let keys: Vec<(TokenSelection, bool)> = self.groups.keys().cloned().collect();
         for key in keys {
-            let pairs = self.pair_indices(&self.groups[&key].mask);
+            let pairs = self.share(self.pair_indices(&self.groups[&key].mask));
             let with_graph = graph && key.1;
             let mut parts = Vec::new();
             for chunk in self.chunks(&pairs, per) {
@@ -282,7 +311,12 @@ impl<'a> StepContext<'a> {
                 self.assemble(parts)
             } else {
                 let _guard = tch::no_grad_guard();
-                self.assemble(parts)
+                let full = self.assemble(parts);
+                if let Some(c) = self.ranks {
+                    // Each rank's share sits among zeros: the sum is every pair, exactly.
+                    c.allreduce_sum(&[full.shallow_clone()], "the pair predictions")?;
+                }
+                full
             };
             let full = self.shape5(full);
             self.groups.get_mut(&key).expect("key listed").preds = Some(full);
@@ -335,11 +369,12 @@ impl<'a> StepContext<'a> {
             let (total, terms) = self.terms(objectives)?;
             return Ok(self.result(&total, terms));
         };
-        let chunked = opts.pairs_per_forward.is_some_and(|p| {
-            self.groups
-                .iter()
-                .any(|((_, g), grp)| *g && grp.mask.iter().filter(|m| **m).count() as i64 > p)
-        });
+        let chunked = self.ranks.is_some()
+            || opts.pairs_per_forward.is_some_and(|p| {
+                self.groups
+                    .iter()
+                    .any(|((_, g), grp)| *g && grp.mask.iter().filter(|m| **m).count() as i64 > p)
+            });
         if !chunked {
             self.compute(None, true)?;
             let (total, terms) = self.terms(objectives)?;
@@ -377,7 +412,7 @@ impl<'a> StepContext<'a> {
             .collect();
         for (sel, grad) in keys.iter().zip(grads) {
             let flat = grad.reshape([self.b * self.b, -1]);
-            let pairs = self.pair_indices(&self.groups[&(sel.clone(), true)].mask);
+            let pairs = self.share(self.pair_indices(&self.groups[&(sel.clone(), true)].mask));
             for chunk in self.chunks(&pairs, opts.pairs_per_forward) {
                 let p = self.forward_pairs(sel, &chunk)?;
                 let idx = Tensor::from_slice(&chunk).to_device(flat.device());

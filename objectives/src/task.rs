@@ -5,14 +5,15 @@
 //! (indices, timestep, noise) so a run is reproducible.
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 
 use softalign_core::adapter::{save_adapter, Adapter};
 use softalign_core::backbone::Backbone;
 use softalign_core::dataset::Dataset;
 use softalign_core::objective::Objective;
-use softalign_core::train::config::TrainMode;
+use softalign_core::train::config::{BatchScope, TrainMode};
 use softalign_core::train::precision::full_parameters;
-use softalign_core::train::{MicroStep, TrainConfig, TrainTask};
+use softalign_core::train::{Collective, MicroStep, TrainConfig, TrainTask};
 use softalign_core::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -41,6 +42,9 @@ pub struct ObjectiveTask {
     /// What the optimizer updates: the adapters' tensors, or in full-parameter mode the
     /// backbone's own weights.
     params: Vec<(String, Tensor)>,
+    /// `contrastive_scope = "global"` in a data-parallel run: the ranks that share each
+    /// micro-batch's pairs.
+    shared_with: Option<Rc<dyn Collective>>,
 }
 
 impl ObjectiveTask {
@@ -124,13 +128,42 @@ impl ObjectiveTask {
             config,
             export_metadata: BTreeMap::new(),
             params,
+            shared_with: None,
         })
+    }
+
+    /// Joins a data-parallel run. With `contrastive_scope = "global"` every rank then draws
+    /// all ranks' images (world size x images_per_step) and computes its share of the pairs;
+    /// with `rank` scope the trainer alone spreads the micro-batches and nothing changes here.
+    pub fn join_ranks(&mut self, c: Rc<dyn Collective>) -> Result<()> {
+        if self.config.contrastive_scope == BatchScope::Global && c.world() > 1 {
+            let all = self.config.images_per_step * c.world() as i64;
+            let per = self.dataset.images_per_sample() as i64;
+            if (self.dataset.len() as i64) * per < all {
+                return Err(Error::Recipe(format!(
+                    "train.contrastive_scope = \"global\" draws {all} images per micro-batch \
+                     ({} ranks x train.images_per_step {}), but the dataset holds {} samples of \
+                     {per} image(s)",
+                    c.world(),
+                    self.config.images_per_step,
+                    self.dataset.len()
+                )));
+            }
+            self.shared_with = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Images one micro-batch draws: this rank's, or with a global scope every rank's.
+    pub fn images_per_micro_batch(&self) -> i64 {
+        let ranks = self.shared_with.as_ref().map_or(1, |c| c.world() as i64);
+        self.config.images_per_step * ranks
     }
 
     /// Draws one micro-step's batch from torch's global generator.
     pub fn draw_inputs(&self) -> Result<StepInputs> {
         let dev = self.backbone.device();
-        let b = self.config.images_per_step;
+        let b = self.images_per_micro_batch();
         let samples = b / self.dataset.images_per_sample() as i64;
         let perm = Tensor::randperm(self.dataset.len() as i64, (Kind::Int64, tch::Device::Cpu));
         let idx: Vec<i64> = perm.narrow(0, 0, samples).try_into()?;
@@ -244,13 +277,11 @@ impl TrainTask for ObjectiveTask {
             pairs_per_forward: self.config.pairs_per_forward,
             backward: Some(m.loss_scale),
         };
-        let r = evaluate(
-            self.backbone.as_ref(),
-            self.adapter_slice(),
-            &self.objectives,
-            inputs,
-            &opts,
-        )?;
+        let mut step = StepContext::new(self.backbone.as_ref(), self.adapter_slice(), inputs)?;
+        if let Some(c) = &self.shared_with {
+            step = step.split_pairs(c.as_ref());
+        }
+        let r = step.run(&self.objectives, &opts)?;
         let mut out: BTreeMap<String, f64> = r.terms.into_iter().collect();
         out.insert("loss".into(), r.total);
         Ok(out)

@@ -1,8 +1,10 @@
 //! `softalign train`: a recipe in, a run folder out (checkpoints, metrics.jsonl, final adapter
 //! or model), resumable with `--resume latest`.
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use anyhow::Context;
+use softalign_core::train::config::BatchScope;
 use softalign_core::train::{train, Collective, ResumeFrom, TrainSummary, TrainerOptions};
 
 use super::build::Built;
@@ -62,17 +64,30 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
     let group = softalign_distributed::from_env(built.device)?;
     let main = group.as_ref().is_none_or(|g| g.launch().rank == 0);
     if let (true, Some(g)) = (main, &group) {
+        let w = g.launch().world;
+        let batches = match train_cfg.contrastive_scope {
+            BatchScope::Rank => format!(
+                "{} micro-batch(es) of {} images per rank per step",
+                train_cfg.grad_accum, train_cfg.images_per_step
+            ),
+            BatchScope::Global => format!(
+                "{} micro-batch(es) of {} images (every rank's) per step, their pairs split over the ranks",
+                train_cfg.grad_accum,
+                train_cfg.images_per_step * w as i64
+            ),
+        };
         eprintln!(
-            "data-parallel: {} ranks ({}, {}), {} micro-batch(es) of {} images per rank per step",
-            g.launch().world,
+            "data-parallel: {w} ranks ({}, {}), {batches}",
             g.launch().launcher,
             g.backend().name(),
-            train_cfg.grad_accum,
-            train_cfg.images_per_step
         );
     }
-    opts.collective = group.map(|g| Box::new(g) as Box<dyn Collective>);
+    let group = group.map(|g| Rc::new(g) as Rc<dyn Collective>);
     let mut task = built.into_task()?;
+    if let Some(g) = &group {
+        task.join_ranks(g.clone())?;
+    }
+    opts.collective = group;
     let s = train(&train_cfg, &logging, opts, &mut task)
         .with_context(|| format!("training into {}", run_dir.display()))?;
     if main {

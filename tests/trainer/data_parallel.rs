@@ -192,6 +192,31 @@ fn two_ranks_equal_one_process_with_twice_the_accumulation() {
 }
 
 #[test]
+fn global_contrastive_scope_equals_one_process_with_every_ranks_images() {
+    let (tmp, recipe) = fixture(false);
+    let one = tmp.path().join("one");
+    single(&recipe, &one, &["train.images_per_step=6"]);
+    let two = tmp.path().join("two");
+    let outs = all_ok(spawn_ranks(
+        &recipe,
+        &two,
+        &["train.contrastive_scope=global"],
+        false,
+        2,
+    ));
+    let err0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert!(err0.contains("of 6 images (every rank's)"), "{err0}");
+    assert_same(
+        &params_at(&one, STEPS),
+        &params_at(&two, STEPS),
+        "global scope, 2 ranks x 3 images vs 1 process x 6",
+    );
+    for (a, b) in losses(&one).iter().zip(losses(&two)) {
+        assert!((a - b).abs() < 1e-5, "logged loss {a} vs {b}");
+    }
+}
+
+#[test]
 fn full_parameter_mode_in_buckets_equals_one_process() {
     let (tmp, recipe) = fixture(true);
     let one = tmp.path().join("one");

@@ -35,6 +35,11 @@ pub struct TrainConfig {
     /// the gradients are accumulated so the step equals the unchunked one. Default: all.
     #[serde(default)]
     pub pairs_per_forward: Option<i64>,
+    /// Data-parallel runs: `rank` (default, as the reference) contrasts each image with the
+    /// captions of its own rank's micro-batch; `global` with those of every rank, as one
+    /// process with world size x images_per_step images would (the pairs are split over ranks).
+    #[serde(default, skip_serializing_if = "BatchScope::is_rank")]
+    pub contrastive_scope: BatchScope,
     /// Draw one noise per image instead of one shared by the whole step (the reference shares).
     #[serde(default)]
     pub per_image_noise: bool,
@@ -82,6 +87,21 @@ pub struct TrainConfig {
     /// Log (metrics.jsonl, W&B) every this many steps.
     #[serde(default = "d_one_u64")]
     pub log_every: u64,
+}
+
+/// Which images a data-parallel micro-batch's pairs cross: its rank's, or every rank's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchScope {
+    #[default]
+    Rank,
+    Global,
+}
+
+impl BatchScope {
+    pub fn is_rank(&self) -> bool {
+        *self == BatchScope::Rank
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

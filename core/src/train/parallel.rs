@@ -7,6 +7,10 @@
 //! single process with `grad_accum = W*A` seeds them. Each loss is scaled by 1/(W*A) and the
 //! gradients are summed over ranks, so every rank holds the single process's accumulated
 //! gradient and takes the same optimizer step.
+//!
+//! With `contrastive_scope = "global"` the micro-batch itself is shared: every rank draws the
+//! same W*B images, computes its share of their pairs, and the ranks' gradients sum to the
+//! gradient of one process with W*B images per micro-batch.
 use tch::{Kind, Tensor};
 
 use crate::{Error, Result};
@@ -34,23 +38,48 @@ pub trait Collective {
 pub struct Placement {
     pub rank: usize,
     pub world: usize,
+    /// `contrastive_scope = "global"`: every rank holds the same micro-batches (all ranks'
+    /// images) and computes a share of their pairs, so ranks do not add micro-batches.
+    pub shared: bool,
 }
 
 impl Placement {
-    pub const SINGLE: Placement = Placement { rank: 0, world: 1 };
+    pub const SINGLE: Placement = Placement {
+        rank: 0,
+        world: 1,
+        shared: false,
+    };
 
-    pub fn of(c: Option<&dyn Collective>) -> Self {
+    pub fn of(c: Option<&dyn Collective>, shared: bool) -> Self {
         c.map_or(Self::SINGLE, |c| Placement {
             rank: c.rank(),
             world: c.world(),
+            shared: shared && c.world() > 1,
         })
     }
     /// The global index of local micro-batch `micro` out of `accum` per rank.
     pub fn global_micro(&self, micro: u32, accum: u32) -> u32 {
-        self.rank as u32 * accum + micro
+        if self.shared {
+            micro
+        } else {
+            self.rank as u32 * accum + micro
+        }
     }
     pub fn micros_per_step(&self, accum: u32) -> u32 {
-        self.world as u32 * accum
+        if self.shared {
+            accum
+        } else {
+            self.world as u32 * accum
+        }
+    }
+    /// Ranks whose summed values each hold the whole step's (shared micro-batches), so a sum
+    /// over ranks is divided by this to give the step's value.
+    pub fn copies(&self) -> f64 {
+        if self.shared {
+            self.world as f64
+        } else {
+            1.0
+        }
     }
     pub fn is_main(&self) -> bool {
         self.rank == 0

@@ -6,12 +6,13 @@
 //! makes a resumed run bit-identical to an uninterrupted one.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use tch::Tensor;
 
 use super::checkpoint::{self, CheckpointContents, CheckpointState, ResumeFrom};
-use super::config::TrainConfig;
+use super::config::{BatchScope, TrainConfig};
 use super::ema::{copy_named, Ema};
 use super::optim::{clip_grads, global_grad_norm, AdamW};
 use super::parallel::{allreduce_grads, broadcast_from_main, Collective, Placement};
@@ -46,7 +47,7 @@ pub struct TrainerOptions {
     pub sinks: Vec<Box<dyn MetricsSink>>,
     /// The other ranks of a data-parallel run (None: this process trains alone). Only rank 0
     /// writes the run folder; see [`super::parallel`] for how a step is spread.
-    pub collective: Option<Box<dyn Collective>>,
+    pub collective: Option<Rc<dyn Collective>>,
 }
 
 impl TrainerOptions {
@@ -103,7 +104,7 @@ pub fn train(
     let hash = recipe_hash(&opts.recipe);
     let collective = opts.collective.take();
     let comm = collective.as_deref();
-    let place = Placement::of(comm);
+    let place = Placement::of(comm, cfg.contrastive_scope == BatchScope::Global);
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::file(&run_dir, e))?;
     if place.is_main() {
         checkpoint::remove_partial(&run_dir)?;
@@ -416,7 +417,7 @@ impl Loop<'_> {
                     ));
                 }
                 for (v, s) in terms.values_mut().zip(&summed[1..]) {
-                    *v = *s;
+                    *v = *s / self.place.copies();
                 }
                 if summed[0] > 0.0 && bad.is_none() {
                     bad = Some(format!(
