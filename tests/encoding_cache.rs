@@ -123,6 +123,61 @@ fn cache_resume_refuse_and_train() {
         "resumed cache differs from the straight one"
     );
 
+    // Two ranks (launched as torchrun's env:// does) cache the same records: first resuming
+    // the interrupted state (3 records and a torn chunk), then from nothing.
+    std::fs::write(cache_dir.join("progress.json"), r#"{"records": 3}"#).unwrap();
+    std::fs::write(cache_dir.join("records.bin"), &torn).unwrap();
+    let two_ranks = |sets: &[&str]| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_softalign"));
+                c.args(["cache", "--quiet", "--batch", "2", "--recipe"])
+                    .arg(&recipe)
+                    .env("RANK", r.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string());
+                for s in sets {
+                    c.args(["--set", s]);
+                }
+                c.stderr(std::process::Stdio::piped()).spawn().unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for o in &outs {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        String::from_utf8_lossy(&outs[0].stderr).into_owned()
+    };
+    let said = two_ranks(&[]);
+    assert!(said.contains("resumed at 3"), "{said}");
+    assert_eq!(
+        std::fs::read(cache_dir.join("records.bin")).unwrap(),
+        records,
+        "the cache two ranks resumed differs from the straight one"
+    );
+    assert!(
+        !cache_dir.join("shards").exists(),
+        "the shards are merged away"
+    );
+    // (`--set` paths are taken from the working directory.)
+    let two = dir.path().join("cache-two");
+    let said = two_ranks(&[&format!("data.path={}", two.display())]);
+    assert!(said.contains("1 unreadable"), "{said}");
+    assert_eq!(
+        std::fs::read(two.join("records.bin")).unwrap(),
+        records,
+        "the cache two ranks wrote differs from one process's"
+    );
+
     // Other settings are refused, by `cache` and by `train`.
     let out = softalign(
         &["cache", "--quiet", "--set", "data.captions_per_sample=2"],

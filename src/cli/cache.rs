@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use softalign_core::cache::{human_bytes, write_cache, CacheRequest};
+use softalign_core::cache::{human_bytes, write_cache, write_cache_sharded, CacheRequest};
 
 use super::build::Built;
 
@@ -59,7 +59,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         batch: a.batch,
         progress: !a.quiet,
     };
-    let s = write_cache(&req).with_context(|| format!("caching into {}", dir.display()))?;
+    // Under torchrun or srun the ranks encode one block of samples each, then rank 0 merges.
+    let group = softalign_distributed::from_env(built.device)?;
+    let main = group.as_ref().is_none_or(|g| g.launch().rank == 0);
+    let req = CacheRequest {
+        progress: req.progress && main,
+        ..req
+    };
+    let s = match &group {
+        None => write_cache(&req),
+        Some(g) => write_cache_sharded(&req, g),
+    }
+    .with_context(|| format!("caching into {}", dir.display()))?;
+    if !main {
+        return Ok(());
+    }
     let new = s.samples - s.resumed_at;
     eprintln!(
         "cached {} samples into {} ({} new{}, {} unreadable) in {:.1} s ({:.2} samples/s); \

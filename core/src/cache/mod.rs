@@ -8,7 +8,7 @@ pub mod writer;
 pub use layout::{human_bytes, Manifest, StoredDType};
 pub use reader::EncodedCache;
 pub use spec::EncodedCacheSpec;
-pub use writer::{write_cache, CacheRequest, CacheSummary};
+pub use writer::{write_cache, write_cache_sharded, CacheRequest, CacheSummary};
 
 use crate::backbone::Backbone;
 

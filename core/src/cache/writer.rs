@@ -132,6 +132,16 @@ fn bytes_of(t: &Tensor, dtype: StoredDType) -> Result<Vec<u8>> {
 }
 
 pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
+    write_records(req, req.dir, 0..req.data.entries().len())
+}
+
+/// Encodes the samples `range` into `dir` (the whole cache, or one rank's shard of it: its
+/// records are those of `range`, and its progress counts from `range.start`).
+pub(super) fn write_records(
+    req: &CacheRequest<'_>,
+    dir: &Path,
+    range: std::ops::Range<usize>,
+) -> Result<CacheSummary> {
     let start_time = Instant::now();
     if req.captions_per_sample == 0 || req.captions_per_sample > 255 {
         return Err(Error::Recipe(format!(
@@ -139,7 +149,6 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
             req.captions_per_sample
         )));
     }
-    let dir = req.dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let want = draft(req)?;
     let mut manifest = if dir.join(MANIFEST).exists() {
@@ -184,10 +193,10 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
         save_safetensors(dir.join(EMPTY), &named, &BTreeMap::new())?;
     }
 
-    let n = req.data.entries().len();
-    let bar = Progress::new(req.progress, done as u64, n as u64);
+    let n = range.end;
+    let bar = Progress::new(req.progress, done as u64, range.len() as u64);
     let mut unreadable = 0;
-    let mut at = done;
+    let mut at = range.start + done;
     while at < n {
         let end = (at + req.batch.max(1)).min(n);
         let chunk = encode_chunk(req, at..end, &mut unreadable)?;
@@ -211,8 +220,14 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
         file.write_all(&bytes)
             .and_then(|_| file.sync_data())
             .map_err(|e| Error::file(&records_path, e))?;
-        Written { records: end }.write(dir)?;
-        bar.advance(end as u64, &format!("{} unreadable", unreadable));
+        Written {
+            records: end - range.start,
+        }
+        .write(dir)?;
+        bar.advance(
+            (end - range.start) as u64,
+            &format!("{} unreadable", unreadable),
+        );
         at = end;
     }
     bar.finish();
@@ -221,7 +236,7 @@ pub fn write_cache(req: &CacheRequest<'_>) -> Result<CacheSummary> {
         None => Manifest::read(dir)?.record_bytes,
     };
     Ok(CacheSummary {
-        samples: n,
+        samples: range.len(),
         resumed_at: done,
         unreadable,
         record_bytes,
@@ -334,4 +349,141 @@ fn interleave(
         }
     }
     Ok(out)
+}
+
+/// Folder of the shard holding samples `range` while a data-parallel cache is written.
+pub const SHARDS: &str = "shards";
+
+/// [`write_cache`] by the ranks of a data-parallel launch: the samples not yet cached are
+/// split into one contiguous block per rank, each rank encodes its block into its own shard
+/// folder (resumable like a whole cache), and rank 0 appends the shards in order to the cache
+/// and removes them. The folder must be on a filesystem every rank sees. Returns, on every
+/// rank, the summary of the whole cache.
+pub fn write_cache_sharded(
+    req: &CacheRequest<'_>,
+    c: &dyn crate::train::Collective,
+) -> Result<CacheSummary> {
+    let start_time = Instant::now();
+    let dir = req.dir;
+    let n = req.data.entries().len();
+    let (rank, world) = (c.rank(), c.world());
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let want = draft(req)?;
+    let have = if dir.join(MANIFEST).exists() {
+        let have = Manifest::read(dir)?;
+        let reasons = stale_reasons(&have, &want);
+        if !reasons.is_empty() {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "this encoding cache was made with other settings: {}; delete it or \
+                     cache into another folder",
+                    reasons.join("; ")
+                ),
+            ));
+        }
+        Some(have)
+    } else {
+        None
+    };
+    let base = Written::read(dir)?.map(|p| p.records).unwrap_or(0);
+    let block = |r: usize| base + (n - base) * r / world..base + (n - base) * (r + 1) / world;
+    let shard_dir = |r: usize| {
+        let b = block(r);
+        dir.join(SHARDS)
+            .join(format!("{:08}-{:08}", b.start, b.end))
+    };
+    let mine = block(rank);
+    let mut unreadable = 0usize;
+    if !mine.is_empty() {
+        unreadable = write_records(req, &shard_dir(rank), mine)?.unreadable;
+    }
+    let count = Tensor::from_slice(&[unreadable as f64]);
+    c.allreduce_sum(&[count.shallow_clone()], "the unreadable-sample counts")?;
+    let unreadable = count.double_value(&[0]) as usize;
+    c.barrier("the end of every rank's shard")?;
+    if rank == 0 {
+        merge_shards(
+            dir,
+            have,
+            base,
+            n,
+            (0..world).map(|r| (block(r), shard_dir(r))),
+        )?;
+    }
+    c.barrier("the merge of the shards")?;
+    let m = Manifest::read(dir)?;
+    Ok(CacheSummary {
+        samples: n,
+        resumed_at: base,
+        unreadable,
+        record_bytes: m.record_bytes,
+        seconds: start_time.elapsed().as_secs_f64(),
+    })
+}
+
+/// Appends the complete shards to the cache in sample order, then counts them. Until the
+/// progress file says so nothing is counted, so a merge cut short is simply done again.
+fn merge_shards(
+    dir: &Path,
+    have: Option<Manifest>,
+    base: usize,
+    n: usize,
+    shards: impl Iterator<Item = (std::ops::Range<usize>, std::path::PathBuf)>,
+) -> Result<()> {
+    let mut manifest = have;
+    let records_path = dir.join(RECORDS);
+    let mut out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&records_path)
+        .map_err(|e| Error::file(&records_path, e))?;
+    let mut keep = None;
+    for (range, sdir) in shards {
+        if range.is_empty() {
+            continue;
+        }
+        let got = Written::read(&sdir)?.map(|w| w.records).unwrap_or(0);
+        if got != range.len() {
+            return Err(Error::file(
+                &sdir,
+                format!(
+                    "this shard holds {got} of its {} samples: its rank stopped early",
+                    range.len()
+                ),
+            ));
+        }
+        let sm = Manifest::read(&sdir)?;
+        let m = manifest.get_or_insert_with(|| sm.clone());
+        if sm.fields != m.fields || sm.record_bytes != m.record_bytes {
+            return Err(Error::file(
+                &sdir,
+                "this shard's record layout differs from the cache's (the ranks ran other encoders)",
+            ));
+        }
+        if keep.is_none() {
+            // Bytes past the counted records are an earlier merge's, cut short: redone.
+            let k = (m.record_bytes * base) as u64;
+            out.set_len(k).map_err(|e| Error::file(&records_path, e))?;
+            crate::tensors::write_atomic(
+                &dir.join(MANIFEST),
+                &serde_json::to_vec_pretty(&*m).expect("manifest serialises"),
+            )?;
+            if !dir.join(EMPTY).exists() {
+                std::fs::copy(sdir.join(EMPTY), dir.join(EMPTY))
+                    .map_err(|e| Error::file(sdir.join(EMPTY), e))?;
+            }
+            keep = Some(k);
+        }
+        let src = sdir.join(RECORDS);
+        let mut f = std::fs::File::open(&src).map_err(|e| Error::file(&src, e))?;
+        std::io::copy(&mut f, &mut out).map_err(|e| Error::file(&records_path, e))?;
+    }
+    out.sync_data().map_err(|e| Error::file(&records_path, e))?;
+    Written { records: n }.write(dir)?;
+    let shards = dir.join(SHARDS);
+    if shards.exists() {
+        std::fs::remove_dir_all(&shards).map_err(|e| Error::file(&shards, e))?;
+    }
+    Ok(())
 }
