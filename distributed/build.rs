@@ -27,6 +27,7 @@ fn main() {
         .define("USE_C10D_GLOO", None)
         .flag_if_supported("-Wno-deprecated-declarations")
         .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-interference-size")
         .opt_level(1);
     if let Some(dirs) = nccl_includes(&lib) {
         b.define("SOFTALIGN_NCCL", None)

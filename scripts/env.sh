@@ -46,3 +46,7 @@ export LIBTORCH_USE_PYTORCH=1
 export SOFTALIGN_PYTHON="$SOFTALIGN_VENV/bin/python"
 SOFTALIGN_TORCH_LIB="$("$SOFTALIGN_VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export SOFTALIGN_TORCH_LIB
+# CUDA headers for the NCCL backend, where scripts/cuda-headers.sh fetched them.
+if [ -f "$SOFTALIGN_CACHE/cuda-headers/.ok" ]; then
+    export SOFTALIGN_CUDA_HEADERS="$SOFTALIGN_CACHE/cuda-headers"
+fi

@@ -141,7 +141,8 @@ impl ProcessGroup {
         };
         if rc != 0 {
             return Err(Error::invalid(format!(
-                "rank {} of {} ({}): could not join the {} process group at {}:{} within {:.0} s: {}",
+                "rank {} of {} ({}): could not join the {} process group at {}:{} (the peers get \
+                 {:.0} s to arrive; SOFTALIGN_DIST_TIMEOUT_S changes it): {}",
                 launch.rank,
                 launch.world,
                 launch.launcher,

@@ -62,11 +62,18 @@ pub struct Args {
     /// steadier (and often faster) figures than oversubscribed OpenMP threads.
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Under torchrun / srun: time the data-parallel gradient all-reduce instead, on flat f32
+    /// gradients of these sizes in MB (comma-separated), in the trainer's buckets.
+    #[arg(long, value_delimiter = ',', value_name = "MB,...")]
+    pub allreduce: Vec<f64>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.threads {
         tch::set_num_threads(n);
+    }
+    if !a.allreduce.is_empty() {
+        return super::bench_allreduce::run(&a.allreduce, &a.device, a.iters, a.warmup);
     }
     if let Some(recipe) = &a.recipe {
         return super::bench_recipe::run(recipe, &a.set, a.iters, a.warmup);

@@ -1,5 +1,6 @@
 //! One file per subcommand.
 pub mod bench;
+pub mod bench_allreduce;
 pub mod bench_recipe;
 pub mod bench_unet;
 pub mod build;

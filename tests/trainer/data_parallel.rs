@@ -270,8 +270,9 @@ fn torchrun_launches_the_ranks() {
 fn a_lost_rank_is_named_and_the_run_resumes() {
     let (tmp, recipe) = fixture(false);
     let run = tmp.path().join("run");
-    // Long enough that rank 1 is killed mid-run: 200 steps, a checkpoint every 2.
-    let sets = ["train.steps=200"];
+    // Long enough that rank 1 is killed mid-run: 40 steps, a checkpoint every 2 (neither rank
+    // can pass the other by more than a step).
+    let sets = ["train.steps=40"];
     let mut ranks = spawn_ranks(&recipe, &run, &sets, false, 2);
     let first = run.join("checkpoints").join(step_dir_name(2));
     let began = Instant::now();
@@ -306,7 +307,36 @@ fn a_lost_rank_is_named_and_the_run_resumes() {
     assert!(run.join("final/adapter.safetensors").exists());
     let n = losses(&run).len();
     assert_eq!(
-        n, 200,
+        n, 40,
         "metrics.jsonl holds every step once after the resume"
+    );
+}
+
+#[test]
+fn a_peer_that_never_comes_is_an_error_not_a_hang() {
+    let (tmp, recipe) = fixture(false);
+    let began = Instant::now();
+    let o = train_cmd(&recipe, &tmp.path().join("run"), &[], false)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .env("SOFTALIGN_DIST_TIMEOUT_S", "3")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("rank 0 of 2") && err.contains("could not join the gloo process group"),
+        "{err}"
+    );
+    assert!(
+        err.contains("1/2 clients joined"),
+        "c10d's own count: {err}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        began.elapsed()
     );
 }

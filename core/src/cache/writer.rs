@@ -398,9 +398,9 @@ pub fn write_cache_sharded(
     if !mine.is_empty() {
         unreadable = write_records(req, &shard_dir(rank), mine)?.unreadable;
     }
-    let count = Tensor::from_slice(&[unreadable as f64]);
+    let count = Tensor::from_slice(&[unreadable as f64]).to_device(req.backbone.device());
     c.allreduce_sum(&[count.shallow_clone()], "the unreadable-sample counts")?;
-    let unreadable = count.double_value(&[0]) as usize;
+    let unreadable = count.to_device(tch::Device::Cpu).double_value(&[0]) as usize;
     c.barrier("the end of every rank's shard")?;
     if rank == 0 {
         merge_shards(

@@ -112,7 +112,9 @@ pub fn allreduce_grads(
         .map(|(_, p)| if p.grad().defined() { 1.0 } else { 0.0 })
         .collect();
     meta.extend_from_slice(extra);
-    let meta_t = Tensor::from_slice(&meta);
+    // On the gradients' device: NCCL reduces CUDA tensors only.
+    let device = params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+    let meta_t = Tensor::from_slice(&meta).to_device(device);
     let mut buckets: Vec<(Tensor, Vec<usize>)> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut bytes = 0usize;
@@ -148,7 +150,7 @@ pub fn allreduce_grads(
     let mut all: Vec<Tensor> = buckets.iter().map(|(t, _)| t.shallow_clone()).collect();
     all.push(meta_t.shallow_clone());
     c.allreduce_sum(&all, "the gradients")?;
-    let summed = Vec::<f64>::try_from(&meta_t)
+    let summed = Vec::<f64>::try_from(&meta_t.to_device(tch::Device::Cpu))
         .map_err(|e| Error::invalid(format!("reading the all-reduced step values: {e}")))?;
     for (flat, idx) in &buckets {
         let mut offset = 0i64;
