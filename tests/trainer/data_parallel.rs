@@ -189,6 +189,21 @@ fn two_ranks_equal_one_process_with_twice_the_accumulation() {
         assert!((a - b).abs() < 1e-5, "logged loss {a} vs {b}");
     }
     assert!(two.join("final/adapter.safetensors").exists());
+
+    // Another world size on resume: 2 ranks for 4 steps, then 1 process with grad_accum 2
+    // (ranks x grad_accum kept) continues to exactly the uninterrupted tensors.
+    let mixed = tmp.path().join("mixed");
+    all_ok(spawn_ranks(&recipe, &mixed, &["train.steps=4"], false, 2));
+    let o = train_cmd(&recipe, &mixed, &["train.grad_accum=2"], true)
+        .arg("--allow-recipe-change")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(
+        &params_at(&one, STEPS),
+        &params_at(&mixed, STEPS),
+        "2 ranks, then 1 process",
+    );
 }
 
 #[test]
