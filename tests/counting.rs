@@ -459,12 +459,15 @@ fn bench_recipe_times_each_objective() {
             .lines()
             .find(|l| l.starts_with(case))
             .unwrap_or_else(|| panic!("no `{case}` row in\n{text}"));
-        let ms: f64 = line[case.len()..]
+        let cols: Vec<f64> = line[case.len()..]
             .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(ms > 0.0, "{line}");
+            .map(|c| c.parse().unwrap())
+            .collect();
+        // ms/step, forwards, gradient norm, loss
+        assert_eq!(cols.len(), 4, "{line}");
+        assert!(cols[0] > 0.0, "{line}");
+        if case == "all objectives" {
+            assert!(cols[2] > 0.0 && cols[2].is_finite(), "gradient norm: {line}");
+        }
     }
 }

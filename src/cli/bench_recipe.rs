@@ -1,7 +1,8 @@
 //! `softalign bench --recipe R`: what one training step of a recipe costs, and each of its
 //! objectives alone (forward and backward into the trainable tensors, on one batch of the
 //! recipe's own data), so the price of a term (the counting term's decode and detector) reads
-//! as the difference between rows.
+//! as the difference between rows. The gradient norm each case leaves in the trainable
+//! tensors (objective weights applied) shows how the terms' weights balance.
 use std::path::Path;
 use std::time::Instant;
 
@@ -60,11 +61,13 @@ pub fn run(recipe: &Path, sets: &[String], iters: usize, warmup: usize) -> anyho
         t
     );
     println!(
-        "{:<38} {:>12} {:>10}",
-        "case (forward + backward)", "ms/step", "forwards"
+        "{:<38} {:>12} {:>10} {:>12} {:>12}",
+        "case (forward + backward)", "ms/step", "forwards", "grad norm", "loss"
     );
     let mut times = vec![Vec::new(); cases.len()];
     let mut forwards = vec![0; cases.len()];
+    let mut norms = vec![0.0; cases.len()];
+    let mut losses = vec![0.0; cases.len()];
     // Round-robin, as the model bench runs its cases, so drift in a shared CPU hits all alike.
     for it in 0..warmup + iters {
         for (c, (_, range)) in cases.iter().enumerate() {
@@ -86,15 +89,30 @@ pub fn run(recipe: &Path, sets: &[String], iters: usize, warmup: usize) -> anyho
                 times[c].push(t.elapsed().as_secs_f64() * 1e3);
             }
             forwards[c] = r.forwards;
+            losses[c] = r.total;
+            norms[c] = grad_norm(&params);
         }
     }
     for (c, (name, _)) in cases.iter().enumerate() {
         println!(
-            "{:<38} {:>12.1} {:>10}",
+            "{:<38} {:>12.1} {:>10} {:>12.4e} {:>12.4e}",
             name,
             median(times[c].clone()),
-            forwards[c]
+            forwards[c],
+            norms[c],
+            losses[c]
         );
     }
     Ok(())
+}
+
+/// The global L2 norm of the trainable tensors' gradients.
+fn grad_norm(params: &[Tensor]) -> f64 {
+    params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .map(|g| g.square().sum(tch::Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt()
 }
