@@ -418,7 +418,7 @@ fn shapes_detector_counts_held_out_renders() {
         eprintln!(
             "shapes detector, held-out renders: {name} count accuracy {acc:.4} ({right}/{n})"
         );
-        assert!(acc >= 0.95, "{name}: {acc}");
+        assert!(acc >= 0.98, "{name}: {acc} (issue 13 asks 98 % for every class)");
     }
 }
 
