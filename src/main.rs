@@ -49,6 +49,9 @@ enum Command {
     /// The shapes-world demo: train SoftREPA and AGSM tokens on the shipped base, evaluate all
     /// three, print one table and write report.md and grids.
     Demo(cli::demo::Args),
+    /// A paper claim checked in the shapes world: train every arm of a study file with K
+    /// training seeds, evaluate them from the same noise, write report.md and chart.png.
+    Study(cli::study::Args),
     /// Run an object detector (a YOLOv8 TorchScript export) on image files: boxes, classes,
     /// scores and counts per image as JSON lines.
     Detect(cli::detect::Args),
@@ -77,6 +80,7 @@ fn main() {
         Command::Sample(a) => cli::sample::run(a),
         Command::Eval(a) => cli::eval::run(a),
         Command::Demo(a) => cli::demo::run(a),
+        Command::Study(a) => cli::study::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Lora(c) => cli::lora::run(c),

@@ -337,7 +337,7 @@ const UNET_SOFTREPA: &str = "recipes/shapes/unet-softrepa.toml";
 const UNET_AGSM: &str = "recipes/shapes/unet-agsm.toml";
 
 /// `--base`: a folder, or the name of a base shipped in assets/.
-fn resolve_base(base: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn resolve_base(base: &Path) -> anyhow::Result<PathBuf> {
     let shipped = Path::new("assets").join(base);
     let dir = if base.is_dir() {
         base.to_path_buf()
@@ -358,7 +358,32 @@ fn resolve_base(base: &Path) -> anyhow::Result<PathBuf> {
 /// schedule and guidance its author chose for this model). A DDIM sampler takes its schedule
 /// from the model folder's scheduler_config.json and only its steps from the recipe.
 fn gen_settings(a: &Args, softrepa: &Path) -> anyhow::Result<GenSettings> {
-    let recipe = softalign_core::recipe::load(softrepa, &[])?;
+    recipe_sampling(
+        softrepa,
+        &SamplingChoice {
+            n: a.n,
+            seed: a.seed,
+            batch: a.batch,
+            steps: a.steps,
+            shift: a.shift,
+            guidance: a.guidance,
+        },
+    )
+}
+
+/// The command line's sampling choices (None: the recipe's).
+pub(super) struct SamplingChoice {
+    pub n: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub steps: Option<usize>,
+    pub shift: Option<f64>,
+    pub guidance: Option<f64>,
+}
+
+/// `a`'s choices, else `recipe`'s `[sampler]`, else 20 steps, shift 1, guidance 4.
+pub(super) fn recipe_sampling(recipe: &Path, a: &SamplingChoice) -> anyhow::Result<GenSettings> {
+    let recipe = softalign_core::recipe::load(recipe, &[])?;
     let sampler = recipe.json.get("sampler");
     let field = |k: &str| sampler.and_then(|s| s.get(k)).cloned();
     let flow =
@@ -406,7 +431,7 @@ fn probe_steps(
 }
 
 /// A TOML string literal, so paths with quotes or backslashes survive `--set`.
-fn toml_string(s: &str) -> String {
+pub(super) fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
@@ -472,7 +497,7 @@ fn settings(
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC, without a date library.
-fn utc_timestamp() -> String {
+pub(super) fn utc_timestamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

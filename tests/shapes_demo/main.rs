@@ -10,3 +10,4 @@ mod report;
 mod report_tables;
 mod run;
 mod sample;
+mod study;
