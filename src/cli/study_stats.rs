@@ -126,15 +126,22 @@ pub fn difference(
     tag: Option<Tag>,
     seed: u64,
 ) -> Difference {
-    // Per seed: the paired images as (tag, before, after).
-    let pairs: Vec<Vec<(Tag, f64, f64)>> = arm
-        .seeds
-        .iter()
-        .enumerate()
-        .map(|(k, after)| {
-            let before = &reference.seeds[k.min(reference.seeds.len() - 1)];
-            paired_outcomes(before, after)
+    // Seed k of one arm meets seed k of the other; an untrained arm (one evaluation) meets
+    // every seed of the other.
+    let seeds = arm.seeds.len().max(reference.seeds.len());
+    let at = |r: &'_ ArmResults, k: usize| k.min(r.seeds.len() - 1);
+    let matched: Vec<(&[ImageResult], &[ImageResult])> = (0..seeds)
+        .map(|k| {
+            (
+                reference.seeds[at(reference, k)].as_slice(),
+                arm.seeds[at(arm, k)].as_slice(),
+            )
         })
+        .collect();
+    // Per seed: the paired images as (tag, before, after).
+    let pairs: Vec<Vec<(Tag, f64, f64)>> = matched
+        .iter()
+        .map(|(before, after)| paired_outcomes(before, after))
         .collect();
     let diff_of = |seeds: &[Vec<(Tag, f64, f64)>]| -> f64 {
         let d: Vec<f64> = seeds
@@ -176,8 +183,7 @@ pub fn difference(
         })
         .collect();
     let (mut gained, mut lost) = (0, 0);
-    for (k, after) in arm.seeds.iter().enumerate() {
-        let before = &reference.seeds[k.min(reference.seeds.len() - 1)];
+    for (before, after) in &matched {
         let rows = paired(before, after);
         let row = rows.iter().find(|r| r.tag == tag);
         if let Some(r) = row {
@@ -279,6 +285,15 @@ mod tests {
         assert!((d.mean - (15.0 + 12.0) / 60.0).abs() < 1e-12, "{d:?}");
         assert_eq!((d.gained, d.lost), (27, 0));
         assert!(d.p_value < 1e-6 && d.ci[0] > 0.0, "{d:?}");
+        // One evaluation (an untrained base) is paired with every seed of the other arm.
+        let base = ArmResults {
+            name: "base".into(),
+            seeds: vec![seed(30, 10, Tag::Colors)],
+        };
+        let d = difference(&better, &base, None, 3);
+        assert_eq!((d.gained, d.lost), (27, 0), "{d:?}");
+        let d = difference(&base, &better, None, 3);
+        assert_eq!((d.gained, d.lost), (0, 27), "{d:?}");
         let none = difference(&reference, &reference, None, 3);
         assert_eq!(
             (none.mean, none.gained, none.lost, none.p_value),
