@@ -66,6 +66,7 @@ enum Command {
 }
 
 fn main() {
+    cli::closed_pipe::quiet_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::List(a) => cli::list::run(a),

@@ -5,6 +5,7 @@ pub mod bench_recipe;
 pub mod bench_unet;
 pub mod build;
 pub mod cache;
+pub mod closed_pipe;
 pub mod compare_grid;
 pub mod demo;
 pub mod detect;
