@@ -87,6 +87,10 @@ fn main() {
         Command::EvalEdit(a) => cli::eval_edit::run(a),
     };
     if let Err(e) = result {
+        if let Some(p) = e.downcast_ref::<cli::train::Preempted>() {
+            eprintln!("{p}");
+            std::process::exit(cli::train::EXIT_PREEMPTED);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -31,6 +31,7 @@ pub mod provenance;
 pub mod recipe;
 pub mod report;
 pub mod sample;
+pub mod signals;
 pub mod text;
 pub use softalign_core::torch_pickle;
 pub mod train;
