@@ -1,13 +1,23 @@
 //! One writer per run folder: while a training writes a folder, a second `train` into it is
 //! refused naming the first one's pid; once the first dies (SIGKILL: its lock is stale, the
 //! file still names it), a resume takes the folder.
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use softalign_core::train::checkpoint;
 
 use super::preempt_cli::{send, wait_for_lines};
 use super::train_cli::write_fixture;
+
+/// The long first training must not outlive a failed assertion.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 #[test]
 fn a_second_writer_is_refused_and_a_dead_ones_lock_is_taken() {
@@ -29,13 +39,16 @@ fn a_second_writer_is_refused_and_a_dead_ones_lock_is_taken() {
             .args(extra);
         cmd
     };
-    let mut first = train(&[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        train(&[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let first = &mut guard.0;
     // A checkpoint to resume from (one every 2 steps) exists once step 3 is logged.
-    wait_for_lines(&mut first, &run, 3);
+    wait_for_lines(first, &run, 3);
     assert!(first.try_wait().unwrap().is_none(), "the first run ended");
 
     let second = train(&["--resume", "latest"]).output().unwrap();
@@ -51,7 +64,7 @@ fn a_second_writer_is_refused_and_a_dead_ones_lock_is_taken() {
     );
 
     // A crash: the kernel drops the flock, the lock file still names the dead process.
-    send(&first, libc::SIGKILL);
+    send(first, libc::SIGKILL);
     first.wait().unwrap();
     let (step, _) = *checkpoint::list_checkpoints(&run).unwrap().last().unwrap();
     let lock_text = std::fs::read_to_string(run.join("lock")).unwrap();

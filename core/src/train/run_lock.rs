@@ -6,7 +6,7 @@
 //! the file itself stays (deleting it on exit would let a waiting process lock a file that is
 //! no longer the folder's).
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use fs4::{FileExt, TryLockError};
@@ -61,7 +61,7 @@ impl RunLock {
             "host": hostname(),
         });
         file.set_len(0)
-            .and_then(|_| file.seek(SeekFrom::Start(0)))
+            .and_then(|_| file.rewind())
             .and_then(|_| file.write_all(format!("{record}\n").as_bytes()))
             .and_then(|_| file.flush())
             .map_err(|e| Error::file(&path, e))?;
