@@ -69,6 +69,7 @@ enum Command {
 }
 
 fn main() {
+    cli::closed_pipe::quiet_on_closed_stdout();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::List(a) => cli::list::run(a),
@@ -90,6 +91,10 @@ fn main() {
         Command::EvalEdit(a) => cli::eval_edit::run(a),
     };
     if let Err(e) = result {
+        if let Some(p) = e.downcast_ref::<cli::train::Preempted>() {
+            eprintln!("{p}");
+            std::process::exit(cli::train::EXIT_PREEMPTED);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -1,7 +1,7 @@
 //! Recipes as a user meets them: every malformed recipe in tests/recipes/malformed fails
 //! `softalign recipe check` with a message that names the problem; every shipped recipe passes.
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn check(file: &Path, sets: &[&str]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_softalign"));
@@ -314,4 +314,36 @@ source = { type = "image_manifest", path = "../base/data/train.jsonl", resolutio
     let w: serde_json::Value = serde_json::from_str(&again).unwrap();
     assert_eq!(w["hash"], v["hash"]);
     assert_eq!(w["recipe"], v["recipe"]);
+}
+
+/// A reader that goes away (`softalign list --examples | head -1`, `recipe check R | true`)
+/// ends the command quietly, killed by SIGPIPE as `ls` is, not with a panic (exit 101).
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    let recipe = root().join("recipes/sd3-softrepa.toml");
+    let recipe = recipe.to_str().unwrap();
+    for args in [vec!["list", "--examples"], vec!["recipe", "check", recipe]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_softalign"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the child (still loading its libraries) writes a byte.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                out.status.signal(),
+                Some(13),
+                "{args:?}: {:?} {err}",
+                out.status
+            );
+        }
+    }
 }

@@ -1,5 +1,7 @@
 //! `softalign train`: a recipe in, a run folder out (checkpoints, metrics.jsonl, final adapter
-//! or model), resumable with `--resume latest`.
+//! or model), resumable with `--resume latest`; stopped by a signal, it checkpoints and exits
+//! with [`EXIT_PREEMPTED`].
+use std::fmt;
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -8,8 +10,16 @@ use softalign_core::train::config::BatchScope;
 use softalign_core::train::{train, Collective, ResumeFrom, TrainSummary, TrainerOptions};
 
 use super::build::Built;
+pub use super::signals::EXIT_PREEMPTED;
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Exit status: 0 when the run is finished; 75 (EX_TEMPFAIL) when SIGTERM, \
+SIGINT or SIGUSR1 stopped it: the step in progress was finished and checkpointed, the run folder's \
+`preempted` file names the step, and the same command with `--resume latest` continues it \
+exactly (a second signal while saving is ignored; SIGKILL still kills); 1 on any error. \
+Only one training at a time writes a run folder: its `lock` file names the holder's pid and host."
+)]
 pub struct Args {
     /// The recipe file.
     #[arg(long)]
@@ -34,6 +44,19 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     train_recipe(&a).map(|_| ())
 }
+
+/// A run stopped by a signal after checkpointing: not a failure, but not finished either;
+/// `main` prints it and exits with [`EXIT_PREEMPTED`].
+#[derive(Debug)]
+pub struct Preempted(pub String);
+
+impl fmt::Display for Preempted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Preempted {}
 
 /// `softalign train` itself, returning what the trainer reports (the demo trains through here).
 pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
@@ -88,8 +111,25 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
         task.join_ranks(g.clone())?;
     }
     opts.collective = group;
+    // Installed only now: until the first step there is nothing to save, and a signal while
+    // the model loads should end the process at once, as it always has.
+    let signals = super::signals::stop_on_signals()?;
+    opts.stop = Some(signals.flag());
     let s = train(&train_cfg, &logging, opts, &mut task)
         .with_context(|| format!("training into {}", run_dir.display()))?;
+    drop(signals);
+    if let Some(p) = &s.preempted {
+        return Err(Preempted(format!(
+            "stopped by {} after step {} of {}: checkpoint {}, marker {}. The same command \
+             plus `--resume latest` continues exactly; exit status {EXIT_PREEMPTED}",
+            p.reason,
+            p.step,
+            s.steps,
+            p.checkpoint.display(),
+            softalign_core::train::preempt::marker_path(&run_dir).display(),
+        ))
+        .into());
+    }
     if main {
         eprintln!("{}", summary_line(&s));
     }

@@ -355,3 +355,49 @@ fn a_peer_that_never_comes_is_an_error_not_a_hang() {
         began.elapsed()
     );
 }
+
+#[test]
+fn a_signal_to_one_rank_stops_every_rank_after_the_same_step() {
+    let (tmp, recipe) = fixture(false);
+    let sets = ["train.steps=30"];
+    let straight = tmp.path().join("straight");
+    all_ok(spawn_ranks(&recipe, &straight, &sets, false, 2));
+
+    let run = tmp.path().join("run");
+    let mut ranks = spawn_ranks(&recipe, &run, &sets, false, 2);
+    let began = Instant::now();
+    while super::preempt_cli::metrics_lines(&run) < 5 {
+        assert!(began.elapsed() < Duration::from_secs(120), "no step 5");
+        assert!(ranks[1].try_wait().unwrap().is_none(), "rank 1 ended early");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Only rank 1 is told (as when a node's processes are signalled one by one): the stop
+    // travels with the step's all-reduce, so rank 0 stops after the same step, and saves it.
+    super::preempt_cli::send(&ranks[1], libc::SIGTERM);
+    let outs: Vec<Output> = ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert_eq!(
+            o.status.code(),
+            Some(75),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let marker = softalign_core::train::preempt::read_marker(&run)
+        .unwrap()
+        .expect("rank 0 writes the marker");
+    let m = marker.step;
+    assert!((5..30).contains(&m), "stopped at {m}");
+    assert_eq!(marker.signal, None, "rank 0 itself got no signal");
+    assert!(run.join("checkpoints").join(step_dir_name(m)).is_dir());
+    assert_eq!(losses(&run).len() as u64, m);
+
+    all_ok(spawn_ranks(&recipe, &run, &sets, true, 2));
+    let (a, b) = (params_at(&straight, 30), params_at(&run, 30));
+    for (k, x) in &a {
+        assert!(x.equal(&b[k]), "stopped at {m}: `{k}` differs");
+    }
+}

@@ -380,6 +380,10 @@ fn resume_refuses_another_seed_and_names_the_folder() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("different recipe"), "{err}");
+    assert!(
+        read_marker(&run).unwrap().is_some(),
+        "a refused resume keeps the marker"
+    );
 }
 
 #[test]
@@ -555,4 +559,77 @@ fn full_parameter_mode_trains_the_backbone_weights() {
         "weights move towards 2"
     );
     assert!(tmp.path().join("final/model.safetensors").is_file());
+}
+
+/// A stop request (what `softalign train`'s signal handlers raise) ends the run after the step
+/// in progress with a checkpoint of it, even off the `checkpoint.every` grid, and a marker;
+/// resuming, stopped again, and resumed to the end gives the uninterrupted tensors. A run
+/// started while `checkpoint.every` defaulted to 0 resumes under the new default.
+#[test]
+fn a_stop_request_checkpoints_the_step_and_the_resumed_run_is_exact() {
+    use softalign_core::train::preempt::{read_marker, MARKER_FILE};
+    use softalign_core::train::StopFlag;
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let run = tmp.path().join("run");
+    let cfg = config(12);
+    train(
+        &cfg,
+        &quiet_logging(),
+        options(&straight),
+        &mut ToyTask::new(),
+    )
+    .unwrap();
+
+    // The recipe JSON as the old default resolved it, then as the new one does.
+    let recipe = |every: u64| serde_json::json!({"train": {"checkpoint": {"every": every}}});
+    let stopped = |resume: bool, every: u64| {
+        let mut o = options(&run);
+        o.recipe = recipe(every);
+        let flag = StopFlag::new();
+        flag.request(15);
+        o.stop = Some(flag);
+        o.resume = resume.then_some(ResumeFrom::Latest);
+        train(&cfg, &quiet_logging(), o, &mut ToyTask::new()).unwrap()
+    };
+    let first = stopped(false, 0);
+    let p = first.preempted.expect("the run stops");
+    assert_eq!(p.step, 1, "stops after the step it was in");
+    assert_eq!(read_marker(&run).unwrap(), Some(p.clone()));
+    assert!(p.checkpoint.ends_with("step-00000001") && p.checkpoint.is_dir());
+    assert!(!run.join("final").exists());
+    let second = stopped(true, 500);
+    assert_eq!(second.start_step, 1);
+    assert_eq!(second.preempted.unwrap().step, 2);
+
+    // Another checkpoint interval is a changed recipe, as before.
+    let mut o = options(&run);
+    o.recipe = recipe(7);
+    o.resume = Some(ResumeFrom::Latest);
+    let err = train(&cfg, &quiet_logging(), o, &mut ToyTask::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different recipe"), "{err}");
+    assert!(
+        read_marker(&run).unwrap().is_some(),
+        "a refused resume keeps the marker"
+    );
+
+    let mut o = options(&run);
+    o.recipe = recipe(500);
+    o.resume = Some(ResumeFrom::Latest);
+    let done = train(&cfg, &quiet_logging(), o, &mut ToyTask::new()).unwrap();
+    assert!(done.preempted.is_none());
+    assert!(
+        !run.join(MARKER_FILE).exists(),
+        "the marker outlived the resume"
+    );
+    for file in ["final/adapter.safetensors", "final-ema/adapter.safetensors"] {
+        let (a, b) = (
+            tensor_bytes(&straight.join(file)),
+            tensor_bytes(&run.join(file)),
+        );
+        assert!(a == b, "{file} differs after two stops");
+    }
 }

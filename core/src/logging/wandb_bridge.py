@@ -9,6 +9,7 @@ Replies go to stdout as lines starting with "SOFTALIGN_BRIDGE ". Exit code 3 mea
 package cannot be imported.
 """
 import json
+import signal
 import sys
 
 MISSING_CLIENT = 3
@@ -20,6 +21,12 @@ def reply(msg):
 
 
 def main():
+    # The trainer decides when this bridge ends: on Ctrl-C or a cluster's SIGTERM / SIGUSR1
+    # (which reach the whole process group or job step) it finishes its step, checkpoints and
+    # then closes stdin; if it dies instead, stdin's end of input ends the bridge.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     try:
         import wandb
     except ImportError as e:

@@ -19,6 +19,12 @@ fn d_max_bad() -> u32 {
 fn d_keep() -> usize {
     3
 }
+/// `train.checkpoint.every` when a recipe leaves it out: the reference's 500 steps, so a
+/// stopped or crashed long run loses at most that many.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 500;
+fn d_every() -> u64 {
+    DEFAULT_CHECKPOINT_EVERY
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,8 +185,9 @@ pub struct EmaConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
-    /// Write a checkpoint every this many steps (0: only at the end).
-    #[serde(default)]
+    /// Write a checkpoint every this many steps (0: only at the end and when stopped by a
+    /// signal). Default 500.
+    #[serde(default = "d_every")]
     pub every: u64,
     /// Keep the newest this many checkpoint folders (plus `latest`).
     #[serde(default = "d_keep")]
@@ -190,7 +197,7 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         Self {
-            every: 0,
+            every: d_every(),
             keep: d_keep(),
         }
     }

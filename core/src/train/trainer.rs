@@ -3,7 +3,9 @@
 //! non-finite (stopping after `max_bad_steps` in a row); clip the global gradient norm; AdamW;
 //! the task's `after_step`; the trainer's EMA; log; checkpoint. Everything a later step
 //! depends on is either in the checkpoint or a function of the step number, which is what
-//! makes a resumed run bit-identical to an uninterrupted one.
+//! makes a resumed run bit-identical to an uninterrupted one. A stop request (the caller's
+//! signal handlers) ends the loop after the current step with a checkpoint of it and a
+//! `preempted` marker; rank 0 holds the run folder's lock throughout.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -17,6 +19,8 @@ use super::ema::{copy_named, Ema};
 use super::optim::{clip_grads, global_grad_norm, AdamW};
 use super::parallel::{allreduce_grads, broadcast_from_main, Collective, Placement};
 use super::precision::check_trainable;
+use super::preempt::{self, Preemption, StopFlag};
+use super::run_lock::RunLock;
 use super::schedule::LrSchedule;
 use super::seed::seed_micro_step;
 use super::task::{MicroStep, TrainTask};
@@ -48,6 +52,9 @@ pub struct TrainerOptions {
     /// The other ranks of a data-parallel run (None: this process trains alone). Only rank 0
     /// writes the run folder; see [`super::parallel`] for how a step is spread.
     pub collective: Option<Rc<dyn Collective>>,
+    /// Checked between steps: once set, the run checkpoints the step it is in and returns
+    /// with [`TrainSummary::preempted`] (None: the run never stops early).
+    pub stop: Option<StopFlag>,
 }
 
 impl TrainerOptions {
@@ -62,6 +69,7 @@ impl TrainerOptions {
             allow_recipe_change: false,
             sinks: Vec::new(),
             collective: None,
+            stop: None,
         }
     }
 }
@@ -81,6 +89,9 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
     /// Wall time of this process's training loop.
     pub elapsed_s: f64,
+    /// Set when a stop request ended the run early (then there is no final result yet:
+    /// `steps` is still train.steps, `last_checkpoint` the checkpoint of the stopping step).
+    pub preempted: Option<Preemption>,
 }
 
 struct Counters {
@@ -106,9 +117,15 @@ pub fn train(
     let comm = collective.as_deref();
     let place = Placement::of(comm, cfg.contrastive_scope == BatchScope::Global);
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::file(&run_dir, e))?;
-    if place.is_main() {
+    // Taken before anything in the folder is touched (another writer's half-written checkpoint
+    // looks like a crashed run's), held until this function returns.
+    let _lock = if place.is_main() {
+        let lock = RunLock::acquire(&run_dir)?;
         checkpoint::remove_partial(&run_dir)?;
-    }
+        Some(lock)
+    } else {
+        None
+    };
     if let Some(c) = comm {
         // Nobody reads checkpoints while rank 0 is still clearing a half-written one.
         c.barrier("the start of the run")?;
@@ -138,7 +155,10 @@ pub fn train(
                 ),
             ));
         }
-        if st.recipe_hash != hash && !opts.allow_recipe_change {
+        if st.recipe_hash != hash
+            && st.recipe_hash != hash_before_periodic_default(&opts.recipe)
+            && !opts.allow_recipe_change
+        {
             return Err(Error::file(
                 &dir,
                 "checkpoint was written under a different recipe (its hash differs from this \
@@ -220,6 +240,9 @@ pub fn train(
             sinks.push(Box::new(WandbSink::start(w, &run_dir, &opts.recipe)?));
         }
         sinks.append(&mut opts.sinks);
+        // This run (its checks passed) continues whatever the marker recorded; a new stop
+        // writes a new one.
+        preempt::remove_marker(&run_dir)?;
     }
     let progress = Progress::new(
         opts.progress && logging.progress && place.is_main(),
@@ -244,6 +267,7 @@ pub fn train(
         counters: &mut counters,
         last_loss: None,
         last_checkpoint: None,
+        stop: opts.stop.clone(),
     };
     let looped = run.run(task, start);
     let (last_loss, last_checkpoint) = (run.last_loss, run.last_checkpoint.take());
@@ -256,9 +280,30 @@ pub fn train(
         }
     }
     progress.finish();
-    looped?;
+    let stopped = looped?;
     finished?;
     let elapsed_s = began.elapsed().as_secs_f64();
+    if let Some(p) = stopped {
+        if place.is_main() {
+            preempt::write_marker(&run_dir, &p)?;
+        }
+        if let Some(c) = comm {
+            // No rank leaves before rank 0 has saved: a launcher that sees one rank exit tends
+            // to kill the others.
+            c.barrier("the checkpoint of a stopped run")?;
+        }
+        return Ok(TrainSummary {
+            steps: cfg.steps,
+            start_step: start,
+            skipped_steps: counters.skipped,
+            last_loss,
+            final_dir: run_dir.join(FINAL_DIR),
+            final_ema_dir: None,
+            last_checkpoint: Some(p.checkpoint.clone()),
+            elapsed_s,
+            preempted: Some(p),
+        });
+    }
 
     let final_dir = run_dir.join(FINAL_DIR);
     let final_ema_dir = ema.as_ref().map(|_| run_dir.join(FINAL_EMA_DIR));
@@ -282,7 +327,22 @@ pub fn train(
         final_ema_dir,
         last_checkpoint,
         elapsed_s,
+        preempted: None,
     })
+}
+
+/// The hash this recipe had while `train.checkpoint.every` defaulted to 0 (only at the end):
+/// a run started then, from a recipe that left it unset, resumes under the new default
+/// without `--allow-recipe-change` (how often checkpoints are written changes no result).
+fn hash_before_periodic_default(recipe: &serde_json::Value) -> String {
+    let mut old = recipe.clone();
+    match old.pointer_mut("/train/checkpoint/every") {
+        Some(v) if v.as_u64() == Some(super::config::DEFAULT_CHECKPOINT_EVERY) => {
+            *v = serde_json::Value::from(0u64);
+            recipe_hash(&old)
+        }
+        _ => String::new(),
+    }
 }
 
 /// Writes what a finished run writes to `final/` (or, with `ema`, `final-ema/`) from one of
@@ -366,10 +426,12 @@ struct Loop<'a> {
     counters: &'a mut Counters,
     last_loss: Option<f64>,
     last_checkpoint: Option<PathBuf>,
+    stop: Option<StopFlag>,
 }
 
 impl Loop<'_> {
-    fn run(&mut self, task: &mut dyn TrainTask, start: u64) -> Result<()> {
+    /// Trains steps `start..train.steps`; returns early, checkpointed, on a stop request.
+    fn run(&mut self, task: &mut dyn TrainTask, start: u64) -> Result<Option<Preemption>> {
         let cfg = self.cfg;
         let accum = cfg.grad_accum;
         let scale = 1.0 / f64::from(self.place.micros_per_step(accum));
@@ -403,11 +465,18 @@ impl Loop<'_> {
                 }
             }
             let mut allreduce_s = None;
+            // Alone, the request is read when the step ends; with ranks, at the all-reduce,
+            // so that every rank stops after the same step whichever of them got the signal.
+            let mut stop_here = None;
             if let Some(c) = self.comm {
                 let t_comm = Instant::now();
                 // Every rank joins this one all-reduce per step, even after a non-finite
                 // loss, so all ranks skip or step together.
-                let mut extra = vec![if bad.is_some() { 1.0 } else { 0.0 }];
+                let asked = self.stop.as_ref().and_then(StopFlag::requested);
+                let mut extra = vec![
+                    if bad.is_some() { 1.0 } else { 0.0 },
+                    if asked.is_some() { 1.0 } else { 0.0 },
+                ];
                 extra.extend(terms.values());
                 let summed = allreduce_grads(c, self.params, &extra)?;
                 allreduce_s = Some(t_comm.elapsed().as_secs_f64());
@@ -416,8 +485,11 @@ impl Loop<'_> {
                         "the all-reduced step values lost their length",
                     ));
                 }
-                for (v, s) in terms.values_mut().zip(&summed[1..]) {
+                for (v, s) in terms.values_mut().zip(&summed[2..]) {
                     *v = *s / self.place.copies();
+                }
+                if summed[1] > 0.0 {
+                    stop_here = Some(asked);
                 }
                 if summed[0] > 0.0 && bad.is_none() {
                     bad = Some(format!(
@@ -501,11 +573,29 @@ impl Loop<'_> {
                 return Err(e);
             }
             let every = cfg.checkpoint.every;
-            if self.place.is_main() && ((every > 0 && done % every == 0) || done == cfg.steps) {
+            let periodic = (every > 0 && done % every == 0) || done == cfg.steps;
+            if self.place.is_main() && periodic {
                 self.checkpoint(task, done)?;
             }
+            if self.comm.is_none() {
+                stop_here = self.stop.as_ref().and_then(StopFlag::requested).map(Some);
+            }
+            // A request during the last step changes nothing: the run ends as it would have.
+            if let (Some(signal), false) = (stop_here, done == cfg.steps) {
+                if self.place.is_main() && !periodic {
+                    self.checkpoint(task, done)?;
+                }
+                let checkpoint =
+                    checkpoint::checkpoints_dir(self.run_dir).join(checkpoint::step_dir_name(done));
+                return Ok(Some(Preemption {
+                    step: done,
+                    signal,
+                    reason: preempt::signal_name(signal),
+                    checkpoint,
+                }));
+            }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn checkpoint(&mut self, task: &dyn TrainTask, done: u64) -> Result<()> {
