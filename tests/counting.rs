@@ -418,7 +418,10 @@ fn shapes_detector_counts_held_out_renders() {
         eprintln!(
             "shapes detector, held-out renders: {name} count accuracy {acc:.4} ({right}/{n})"
         );
-        assert!(acc >= 0.98, "{name}: {acc} (issue 13 asks 98 % for every class)");
+        assert!(
+            acc >= 0.98,
+            "{name}: {acc} (issue 13 asks 98 % for every class)"
+        );
     }
 }
 
@@ -467,7 +470,10 @@ fn bench_recipe_times_each_objective() {
         assert_eq!(cols.len(), 4, "{line}");
         assert!(cols[0] > 0.0, "{line}");
         if case == "all objectives" {
-            assert!(cols[2] > 0.0 && cols[2].is_finite(), "gradient norm: {line}");
+            assert!(
+                cols[2] > 0.0 && cols[2].is_finite(),
+                "gradient norm: {line}"
+            );
         }
     }
 }
