@@ -21,7 +21,7 @@ pub struct PairedRow {
 }
 
 /// `<prompt index>/samples/<image>.png`: the same slot in both evaluation folders.
-fn slot(filename: &str) -> String {
+pub fn slot(filename: &str) -> String {
     let parts: Vec<&str> = filename.rsplit(['/', '\\']).take(3).collect();
     parts.into_iter().rev().collect::<Vec<_>>().join("/")
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use softalign_core::train::seed::splitmix64;
 use softalign_worlds::geneval::{ImageResult, Tag};
 
-use super::paired::{mcnemar_exact, paired};
+use super::paired::{mcnemar_exact, paired, slot};
 
 /// Bootstrap resamples; the generator is fixed, so a report is reproducible.
 pub const RESAMPLES: usize = 2000;
@@ -202,16 +202,12 @@ pub fn difference(
 
 /// (tag, reference correct, arm correct) for the images both evaluations hold.
 fn paired_outcomes(before: &[ImageResult], after: &[ImageResult]) -> Vec<(Tag, f64, f64)> {
-    let key = |f: &str| {
-        let parts: Vec<&str> = f.rsplit(['/', '\\']).take(3).collect();
-        parts.into_iter().rev().collect::<Vec<_>>().join("/")
-    };
     let after: BTreeMap<String, &ImageResult> =
-        after.iter().map(|r| (key(&r.filename), r)).collect();
+        after.iter().map(|r| (slot(&r.filename), r)).collect();
     before
         .iter()
         .filter_map(|b| {
-            after.get(&key(&b.filename)).map(|a| {
+            after.get(&slot(&b.filename)).map(|a| {
                 (
                     b.tag,
                     f64::from(u8::from(b.correct)),

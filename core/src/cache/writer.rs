@@ -117,6 +117,26 @@ fn stale_reasons(have: &Manifest, want: &Manifest) -> Vec<String> {
     r
 }
 
+/// The manifest already in `dir`, if any, refused when it was made with other settings.
+fn existing_manifest(dir: &Path, want: &Manifest) -> Result<Option<Manifest>> {
+    if !dir.join(MANIFEST).exists() {
+        return Ok(None);
+    }
+    let have = Manifest::read(dir)?;
+    let reasons = stale_reasons(&have, want);
+    if !reasons.is_empty() {
+        return Err(Error::file(
+            dir,
+            format!(
+                "this encoding cache was made with other settings: {}; delete it or \
+                 cache into another folder",
+                reasons.join("; ")
+            ),
+        ));
+    }
+    Ok(Some(have))
+}
+
 /// Tensor bytes in the stored dtype, row-major.
 fn bytes_of(t: &Tensor, dtype: StoredDType) -> Result<Vec<u8>> {
     let t = t
@@ -151,23 +171,7 @@ pub(super) fn write_records(
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let want = draft(req)?;
-    let mut manifest = if dir.join(MANIFEST).exists() {
-        let have = Manifest::read(dir)?;
-        let reasons = stale_reasons(&have, &want);
-        if !reasons.is_empty() {
-            return Err(Error::file(
-                dir,
-                format!(
-                    "this encoding cache was made with other settings: {}; delete it or \
-                     cache into another folder",
-                    reasons.join("; ")
-                ),
-            ));
-        }
-        Some(have)
-    } else {
-        None
-    };
+    let mut manifest = existing_manifest(dir, &want)?;
     let done = Written::read(dir)?.map(|p| p.records).unwrap_or(0);
     let records_path = dir.join(RECORDS);
     let mut file = OpenOptions::new()
@@ -368,24 +372,7 @@ pub fn write_cache_sharded(
     let n = req.data.entries().len();
     let (rank, world) = (c.rank(), c.world());
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let want = draft(req)?;
-    let have = if dir.join(MANIFEST).exists() {
-        let have = Manifest::read(dir)?;
-        let reasons = stale_reasons(&have, &want);
-        if !reasons.is_empty() {
-            return Err(Error::file(
-                dir,
-                format!(
-                    "this encoding cache was made with other settings: {}; delete it or \
-                     cache into another folder",
-                    reasons.join("; ")
-                ),
-            ));
-        }
-        Some(have)
-    } else {
-        None
-    };
+    let have = existing_manifest(dir, &draft(req)?)?;
     let base = Written::read(dir)?.map(|p| p.records).unwrap_or(0);
     let block = |r: usize| base + (n - base) * r / world..base + (n - base) * (r + 1) / world;
     let shard_dir = |r: usize| {
