@@ -28,6 +28,34 @@ pub struct SampleRequest<'a> {
 pub trait Sampler: Send {
     fn name(&self) -> &str;
     fn sample(&self, req: SampleRequest<'_>) -> Result<Tensor>;
+    /// The sampler as a stochastic policy with step densities (DDPO), where it is one.
+    fn as_policy(&self) -> Option<&dyn StochasticPolicy> {
+        None
+    }
+}
+
+/// One policy step: the next latents and the log density of having taken that step.
+pub struct PolicyStep {
+    pub prev_sample: Tensor,
+    /// (B,): carries the graph of the model output, never of `prev_sample`.
+    pub log_prob: Tensor,
+}
+
+/// A sampler whose steps are Gaussian draws (DDIM with eta > 0): what reinforcement learning
+/// on trajectories (DDPO) needs from it.
+pub trait StochasticPolicy {
+    /// Model timesteps, first to last.
+    fn timesteps(&self) -> &[i64];
+    /// A step from `timesteps` (one per sample): score `prev_sample` (training) or draw one
+    /// from torch's global generator (sampling).
+    fn step_with_log_prob(
+        &self,
+        model_output: &Tensor,
+        timesteps: &[i64],
+        sample: &Tensor,
+        prediction: crate::backbone::Prediction,
+        prev_sample: Option<&Tensor>,
+    ) -> Result<PolicyStep>;
 }
 
 /// Stops sampling once the latents are no longer finite (a huge guidance scale, an fp16

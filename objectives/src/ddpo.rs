@@ -80,6 +80,55 @@ impl PerPromptStats {
     }
 }
 
+impl PerPromptStats {
+    /// The rewards on record as a table for a checkpoint: one row per prompt of `prompts` (in
+    /// that order, the first of duplicates), oldest first, NaN-padded to `buffer_size`.
+    pub fn to_table(&self, prompts: &[String]) -> Vec<Vec<f64>> {
+        prompts
+            .iter()
+            .map(|p| {
+                let mut row: Vec<f64> = self
+                    .seen
+                    .get(p)
+                    .map(|b| b.iter().copied().collect())
+                    .unwrap_or_default();
+                row.resize(self.buffer_size, f64::NAN);
+                row
+            })
+            .collect()
+    }
+
+    /// Restores what [`Self::to_table`] wrote.
+    pub fn load_table(&mut self, prompts: &[String], table: &[Vec<f64>]) -> Result<()> {
+        if table.len() != prompts.len() || table.iter().any(|r| r.len() != self.buffer_size) {
+            return Err(Error::tensor(
+                "ddpo.prompt_rewards",
+                format!(
+                    "{} rows, expected {} prompts x {} rewards",
+                    table.len(),
+                    prompts.len(),
+                    self.buffer_size
+                ),
+            ));
+        }
+        self.seen.clear();
+        for (p, row) in prompts.iter().zip(table) {
+            let buf: VecDeque<f64> = row.iter().copied().filter(|v| !v.is_nan()).collect();
+            if !buf.is_empty() {
+                self.seen.insert(p.clone(), buf);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Advantages normalised by the round's own mean and std (ddpo-pytorch without per-prompt
+/// tracking: `(r - mean) / (std + 1e-8)`).
+pub fn round_advantages(rewards: &[f64]) -> Vec<f64> {
+    let (mean, std) = mean_std(rewards.iter().copied());
+    rewards.iter().map(|r| (r - mean) / (std + 1e-8)).collect()
+}
+
 /// What one PPO step on one denoising step gives: the loss and train.py's diagnostics.
 pub struct PpoStep {
     pub loss: Tensor,

@@ -7,6 +7,7 @@ pub mod caption_count;
 pub mod contrastive;
 pub mod counting;
 pub mod ddpo;
+pub mod ddpo_task;
 pub mod diffusion_dpo;
 pub mod dsm;
 pub mod rewards;
@@ -15,5 +16,6 @@ pub mod task;
 pub mod underflow;
 mod util;
 
+pub use ddpo_task::{DdpoParts, DdpoTask};
 pub use step::{StepContext, StepInputs, StepOptions, StepResult};
 pub use task::{evaluate, ObjectiveTask};

@@ -217,7 +217,7 @@ impl ObjectiveTask {
     }
 }
 
-fn adapter_parameters(adapters: &[Box<dyn Adapter>]) -> Vec<(String, Tensor)> {
+pub(crate) fn adapter_parameters(adapters: &[Box<dyn Adapter>]) -> Vec<(String, Tensor)> {
     let many = adapters.len() > 1;
     adapters
         .iter()
@@ -239,36 +239,11 @@ impl TrainTask for ObjectiveTask {
     }
 
     fn extra_state(&self) -> Vec<(String, Tensor)> {
-        self.adapters
-            .iter()
-            .enumerate()
-            .flat_map(|(k, a)| {
-                a.state()
-                    .into_iter()
-                    .filter(|(n, _)| n.starts_with("ema."))
-                    .map(move |(n, t)| (format!("adapter{k}.{n}"), t))
-            })
-            .collect()
+        adapter_ema_state(&self.adapters)
     }
 
     fn load_extra_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        let _guard = tch::no_grad_guard();
-        for (k, a) in self.adapters.iter().enumerate() {
-            for (n, mut dst) in a.state().into_iter().filter(|(n, _)| n.starts_with("ema.")) {
-                let key = format!("adapter{k}.{n}");
-                let src = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::tensor(&key, "missing from the checkpoint"))?;
-                if src.size() != dst.size() {
-                    return Err(Error::tensor(
-                        &key,
-                        format!("shape {:?}, expected {:?}", src.size(), dst.size()),
-                    ));
-                }
-                dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
-            }
-        }
-        Ok(())
+        load_adapter_ema_state(&self.adapters, tensors)
     }
 
     fn micro_step(&mut self, m: &MicroStep) -> Result<BTreeMap<String, f64>> {
@@ -288,11 +263,7 @@ impl TrainTask for ObjectiveTask {
     }
 
     fn after_step(&mut self, _step: u64) -> Result<()> {
-        for a in &self.adapters {
-            if let Some(decay) = a.ema_decay() {
-                a.update_ema(decay);
-            }
-        }
+        update_adapter_emas(&self.adapters);
         Ok(())
     }
 
@@ -301,24 +272,80 @@ impl TrainTask for ObjectiveTask {
         if self.config.mode == TrainMode::Full {
             return self.backbone.save_pretrained(dir);
         }
-        let mut meta = self.export_metadata.clone();
-        meta.insert("step".into(), step.to_string());
-        for (k, a) in self.adapters.iter().enumerate() {
-            let name = if self.adapters.len() == 1 {
-                "adapter.safetensors".to_string()
-            } else {
-                format!("adapter{k}.safetensors")
-            };
-            save_adapter(&dir.join(name), a.as_ref(), &meta)?;
-            // LoRA also as the files other tools load (diffusers, PEFT); several adapters
-            // each get a subfolder.
-            let sub = if self.adapters.len() == 1 {
-                dir.to_path_buf()
-            } else {
-                dir.join(format!("adapter{k}"))
-            };
-            a.export(&sub)?;
-        }
-        Ok(())
+        export_adapters(&self.adapters, dir, step, &self.export_metadata)
     }
+}
+
+/// The adapters' EMA copies, as a checkpoint's extra state.
+pub(crate) fn adapter_ema_state(adapters: &[Box<dyn Adapter>]) -> Vec<(String, Tensor)> {
+    adapters
+        .iter()
+        .enumerate()
+        .flat_map(|(k, a)| {
+            a.state()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("ema."))
+                .map(move |(n, t)| (format!("adapter{k}.{n}"), t))
+        })
+        .collect()
+}
+
+pub(crate) fn load_adapter_ema_state(
+    adapters: &[Box<dyn Adapter>],
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let _guard = tch::no_grad_guard();
+    for (k, a) in adapters.iter().enumerate() {
+        for (n, mut dst) in a.state().into_iter().filter(|(n, _)| n.starts_with("ema.")) {
+            let key = format!("adapter{k}.{n}");
+            let src = tensors
+                .get(&key)
+                .ok_or_else(|| Error::tensor(&key, "missing from the checkpoint"))?;
+            if src.size() != dst.size() {
+                return Err(Error::tensor(
+                    &key,
+                    format!("shape {:?}, expected {:?}", src.size(), dst.size()),
+                ));
+            }
+            dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn update_adapter_emas(adapters: &[Box<dyn Adapter>]) {
+    for a in adapters {
+        if let Some(decay) = a.ema_decay() {
+            a.update_ema(decay);
+        }
+    }
+}
+
+/// Writes each adapter's file (`adapter.safetensors`, or `adapter{k}.safetensors` for several)
+/// with `metadata` and the step, and LoRA also as the files other tools load (diffusers,
+/// PEFT); several adapters each get a subfolder.
+pub(crate) fn export_adapters(
+    adapters: &[Box<dyn Adapter>],
+    dir: &Path,
+    step: u64,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let mut meta = metadata.clone();
+    meta.insert("step".into(), step.to_string());
+    for (k, a) in adapters.iter().enumerate() {
+        let name = if adapters.len() == 1 {
+            "adapter.safetensors".to_string()
+        } else {
+            format!("adapter{k}.safetensors")
+        };
+        save_adapter(&dir.join(name), a.as_ref(), &meta)?;
+        let sub = if adapters.len() == 1 {
+            dir.to_path_buf()
+        } else {
+            dir.join(format!("adapter{k}"))
+        };
+        a.export(&sub)?;
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use softalign_core::adapter::{Injection, TokenSelection};
 use softalign_core::backbone::{Conditioning, Prediction};
 use softalign_core::plugin::SamplerSpec;
-use softalign_core::sampler::{check_finite, SampleRequest, Sampler};
+use softalign_core::sampler::{check_finite, SampleRequest, Sampler, StochasticPolicy};
 use softalign_core::site::SiteHook;
 use softalign_core::{register_plugin, Error, Result};
 use tch::{Kind, Tensor};
@@ -357,6 +357,10 @@ fn zeros_like_except_time_ids(c: &Conditioning) -> Conditioning {
 impl Sampler for Ddim {
     fn name(&self) -> &str {
         "ddim"
+    }
+
+    fn as_policy(&self) -> Option<&dyn StochasticPolicy> {
+        (self.spec.eta > 0.0).then_some(self as &dyn StochasticPolicy)
     }
 
     fn sample(&self, req: SampleRequest<'_>) -> Result<Tensor> {

@@ -8,6 +8,7 @@
 //!
 //! Timesteps may differ per sample (DDPO's training shuffles each trajectory's steps).
 use softalign_core::backbone::Prediction;
+use softalign_core::sampler::{PolicyStep, StochasticPolicy};
 use softalign_core::{Error, Result};
 use tch::{Kind, Tensor};
 
@@ -127,6 +128,34 @@ impl Ddim {
             prev_sample,
             log_prob,
             mean,
+        })
+    }
+}
+
+impl StochasticPolicy for Ddim {
+    fn timesteps(&self) -> &[i64] {
+        &self.timesteps
+    }
+
+    fn step_with_log_prob(
+        &self,
+        model_output: &Tensor,
+        timesteps: &[i64],
+        sample: &Tensor,
+        prediction: Prediction,
+        prev_sample: Option<&Tensor>,
+    ) -> Result<PolicyStep> {
+        let s = Ddim::step_with_log_prob(
+            self,
+            model_output,
+            timesteps,
+            sample,
+            prediction,
+            prev_sample,
+        )?;
+        Ok(PolicyStep {
+            prev_sample: s.prev_sample,
+            log_prob: s.log_prob,
         })
     }
 }

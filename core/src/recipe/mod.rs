@@ -49,6 +49,10 @@ pub struct Recipe {
     /// The reward RL fine-tuning (DDPO) maximises.
     #[serde(default)]
     pub reward: Option<Box<dyn RewardSpec>>,
+    /// Present: `train` runs DDPO (trajectories sampled with `[sampler]`, scored by `[reward]`)
+    /// instead of `[[objective]]`s on `[data]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddpo: Option<crate::train::ddpo::DdpoConfig>,
     pub train: TrainConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -266,6 +270,26 @@ pub fn check_for(loaded: &LoadedRecipe, purpose: Purpose) -> Result<BackboneInfo
     }
     if let Some(w) = &r.reward {
         w.validate(&ctx).map_err(|e| at("reward", e))?;
+    }
+    if let Some(d) = r.ddpo.as_ref().filter(|_| purpose == Purpose::Train) {
+        d.validate(r.train.images_per_step, r.train.grad_accum)
+            .map_err(|e| at("ddpo", e))?;
+        if r.reward.is_none() {
+            return Err(at(
+                "ddpo",
+                Error::Recipe("DDPO maximises a reward: add a [reward] table".into()),
+            ));
+        }
+        if !r.objective.is_empty() || r.data.is_some() {
+            return Err(at(
+                "ddpo",
+                Error::Recipe(
+                    "DDPO trains on its own samples: remove [[objective]] and [data] (its \
+                     prompts are `ddpo.prompts`)"
+                        .into(),
+                ),
+            ));
+        }
     }
     if let Some(d) = r.data.as_ref().filter(|_| purpose == Purpose::Train) {
         d.validate(&ctx).map_err(|e| at("data", e))?;

@@ -10,6 +10,7 @@
 //! ```
 pub mod checkpoint;
 pub mod config;
+pub mod ddpo;
 pub mod ema;
 pub mod glob;
 pub mod optim;

@@ -39,6 +39,22 @@ pub fn eval_prompts_with(seed: u64, per_tag_max: usize) -> Vec<EvalPrompt> {
     out
 }
 
+/// Every prompt of the six categories that `eval_prompts(eval_seed)` leaves out, in category
+/// order: what a method that trains on prompts (DDPO) may see, so its evaluation on the
+/// evaluation set is on held-out prompts. At the default size only position (8) and
+/// color_attr (200) have prompts to spare; the other categories are evaluated whole.
+pub fn train_prompts(eval_seed: u64) -> Vec<EvalPrompt> {
+    let held: std::collections::HashSet<String> = eval_prompts(eval_seed)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    Tag::ALL
+        .into_iter()
+        .flat_map(enumerate)
+        .filter(|p| !held.contains(&p.prompt))
+        .collect()
+}
+
 /// Every distinct prompt of a category, in a fixed order.
 pub fn enumerate(tag: Tag) -> Vec<EvalPrompt> {
     let pairs: Vec<(Shape, Shape)> = Shape::ALL
@@ -183,6 +199,16 @@ fn make(tag: Tag, include: Vec<Requirement>, exclude: Vec<Exclusion>, text: Stri
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn train_prompts_are_the_enumeration_minus_the_evaluation_set() {
+        let train = super::train_prompts(0);
+        let eval = super::eval_prompts(0);
+        assert_eq!(train.len(), 8 + 200);
+        assert!(train
+            .iter()
+            .all(|t| eval.iter().all(|e| e.prompt != t.prompt)));
+    }
+
     use super::*;
 
     #[test]
