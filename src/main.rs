@@ -46,6 +46,9 @@ enum Command {
     /// Generate images for evaluation prompts, score them (shapes world) and summarise per
     /// category with 95% intervals, in GenEval's formats.
     Eval(cli::eval::Args),
+    /// Preference pairs (Diffusion-DPO's data) from a scored evaluation folder: each prompt's
+    /// correct images preferred to its wrong ones, as `preference_pairs` JSONL.
+    Pairs(cli::pairs::Args),
     /// The shapes-world demo: train SoftREPA and AGSM tokens on the shipped base, evaluate all
     /// three, print one table and write report.md and grids.
     Demo(cli::demo::Args),
@@ -82,6 +85,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Demo(a) => cli::demo::run(a),
         Command::Study(a) => cli::study::run(a),
+        Command::Pairs(a) => cli::pairs::run(a),
         Command::Forward(a) => cli::forward::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Lora(c) => cli::lora::run(c),

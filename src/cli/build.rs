@@ -105,10 +105,12 @@ impl Built {
         // so before a run folder exists).
         let r = &loaded.recipe;
         let path = loaded.path.display();
-        if r.objective.is_empty() {
+        // DDPO samples its own data (`recipe::check` refuses objectives and data beside it).
+        let ddpo = r.ddpo.is_some();
+        if !ddpo && r.objective.is_empty() {
             bail!("recipe {path}: names no [[objective]] to train with");
         }
-        if r.data.is_none() {
+        if !ddpo && r.data.is_none() {
             bail!(
                 "recipe {path}: training needs a [data] table (`softalign list --examples` \
                  shows the dataset types)"

@@ -32,6 +32,11 @@ pub struct Args {
     pub prompts: Option<PathBuf>,
     #[command(flatten)]
     pub prompt_set: PromptSet,
+    /// The shapes world's prompts that its evaluation set (prompt seed 0) leaves out, the ones
+    /// DDPO's `shapes:train` samples: to make preference pairs (`softalign pairs`) or watch
+    /// the training prompts, never to report a held-out result.
+    #[arg(long, conflicts_with = "prompts")]
+    pub train_prompts: bool,
     #[command(flatten)]
     pub gen: GenSettings,
     /// Generate only, even where the images could be scored.
@@ -135,6 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
              evaluation_metadata.jsonl (GenEval's prompt file); only the `{SHAPES_KIND}` world's \
              model has built-in evaluation prompts"
         ),
+        None if a.train_prompts => softalign_worlds::shapes::prompts::train_prompts(0),
         None => a.prompt_set.prompts(),
     };
     if prompts.is_empty() {

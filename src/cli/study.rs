@@ -81,6 +81,14 @@ pub struct Arm {
     /// Overrides for this arm's recipe.
     #[serde(default)]
     pub set: Vec<String>,
+    /// A LoRA merged into the base for this arm, in training and evaluation: a tuned model
+    /// (Diffusion-DPO, DDPO) held as a LoRA file (relative to the study file).
+    #[serde(default)]
+    pub lora: Option<PathBuf>,
+    /// Evaluate the tokens another (earlier, trained) arm learned, unchanged, on this arm's
+    /// model: plug-and-play stacking. One evaluation per training seed of that arm.
+    #[serde(default)]
+    pub tokens_from: Option<String>,
 }
 
 impl Study {
@@ -91,7 +99,39 @@ impl Study {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut names = std::collections::BTreeSet::new();
+        let mut trained = std::collections::BTreeSet::new();
         for a in &mut s.arms {
+            if let Some(src) = &a.tokens_from {
+                if a.recipe.is_some() {
+                    bail!(
+                        "{}: arm `{}` has both a recipe and tokens_from: it either trains its \
+                         tokens or borrows them",
+                        path.display(),
+                        a.name
+                    );
+                }
+                if !trained.contains(src) {
+                    bail!(
+                        "{}: arm `{}`: tokens_from = \"{src}\" names no earlier arm with a recipe",
+                        path.display(),
+                        a.name
+                    );
+                }
+            }
+            if let Some(l) = &mut a.lora {
+                *l = dir.join(&*l);
+                if !l.exists() {
+                    bail!(
+                        "{}: arm `{}`: no LoRA at {}",
+                        path.display(),
+                        a.name,
+                        l.display()
+                    );
+                }
+            }
+            if a.recipe.is_some() {
+                trained.insert(a.name.clone());
+            }
             if !names.insert(a.name.clone()) {
                 bail!("{}: two arms are named `{}`", path.display(), a.name);
             }
@@ -175,22 +215,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     for arm in &study.arms {
         let dir = out.join(&arm.name);
         let mut results = Vec::new();
-        let seed_list: Vec<u64> = if arm.recipe.is_some() {
+        let per_seed = arm.recipe.is_some() || arm.tokens_from.is_some();
+        let seed_list: Vec<u64> = if per_seed {
             (0..seeds).collect()
         } else {
             vec![0]
         };
+        let loras: Vec<String> = arm.lora.iter().map(|l| l.display().to_string()).collect();
         for s in seed_list {
             let t = Instant::now();
-            let (model, label) = match &arm.recipe {
-                None => (
+            let (model, label) = match (&arm.recipe, &arm.tokens_from) {
+                (None, None) => (
                     ModelArgs {
                         model: Some(base.clone()),
+                        loras: loras.clone(),
                         ..Default::default()
                     },
                     arm.name.clone(),
                 ),
-                Some(recipe) => {
+                (None, Some(src)) => (
+                    ModelArgs {
+                        model: Some(base.clone()),
+                        adapter: Some(trained_adapter(&out.join(src), s)),
+                        loras: loras.clone(),
+                        ..Default::default()
+                    },
+                    format!("{} seed {s}", arm.name),
+                ),
+                (Some(recipe), _) => {
                     let run_dir = dir.join(format!("seed-{s}")).join("train");
                     let args = train_args(&a, &study, arm, recipe, &base, s, &run_dir);
                     commands.push(format!(
@@ -203,7 +255,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                             .join(" "),
                         run_dir.display()
                     ));
-                    let adapter = run_dir.join("final/adapter.safetensors");
+                    let adapter = trained_adapter(&dir, s);
                     if !adapter.is_file() {
                         eprintln!("arm {} seed {s}: training {}", arm.name, recipe.display());
                         train_recipe(&args)?;
@@ -212,13 +264,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         ModelArgs {
                             model: Some(base.clone()),
                             adapter: Some(adapter),
+                            loras: loras.clone(),
                             ..Default::default()
                         },
                         format!("{} seed {s}", arm.name),
                     )
                 }
             };
-            let eval_dir = if arm.recipe.is_some() {
+            let eval_dir = if per_seed {
                 dir.join(format!("seed-{s}")).join("eval")
             } else {
                 dir.join("eval")
@@ -272,6 +325,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The adapter an arm's training seed `seed` wrote, in the arm's folder `arm_dir`.
+fn trained_adapter(arm_dir: &Path, seed: u64) -> PathBuf {
+    arm_dir
+        .join(format!("seed-{seed}"))
+        .join("train/final/adapter.safetensors")
+}
+
 /// The evaluation in `dir`, generated and scored unless a complete one is there already.
 fn evaluated(
     model: &ModelArgs,
@@ -316,6 +376,13 @@ fn train_args(
     ];
     if let Some(s) = a.train_steps {
         set.push(format!("train.steps={s}"));
+    }
+    if let Some(l) = &arm.lora {
+        // Tokens retrained on the tuned model: its LoRA merged before training starts.
+        set.push(format!(
+            "backbone.loras=[{{ path = {} }}]",
+            toml_string(&l.to_string_lossy())
+        ));
     }
     set.extend(study.set.iter().cloned());
     set.extend(arm.set.iter().cloned());

@@ -7,7 +7,9 @@ use std::rc::Rc;
 
 use anyhow::Context;
 use softalign_core::train::config::BatchScope;
-use softalign_core::train::{train, Collective, ResumeFrom, TrainSummary, TrainerOptions};
+use softalign_core::train::{
+    train, Collective, ResumeFrom, TrainSummary, TrainTask, TrainerOptions,
+};
 
 use super::build::Built;
 pub use super::signals::EXIT_PREEMPTED;
@@ -83,6 +85,7 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
     opts.progress = !a.quiet;
     opts.allow_recipe_change = a.allow_recipe_change;
     let (train_cfg, logging) = (r.train.clone(), r.logging.clone());
+    let is_ddpo = r.ddpo.is_some();
     // torchrun / srun: join the other ranks (none: train alone, exactly as without a launcher).
     let group = softalign_distributed::from_env(built.device)?;
     let main = group.as_ref().is_none_or(|g| g.launch().rank == 0);
@@ -106,16 +109,28 @@ pub fn train_recipe(a: &Args) -> anyhow::Result<TrainSummary> {
         );
     }
     let group = group.map(|g| Rc::new(g) as Rc<dyn Collective>);
-    let mut task = built.into_task()?;
-    if let Some(g) = &group {
-        task.join_ranks(g.clone())?;
-    }
+    let mut task: Box<dyn TrainTask> = if is_ddpo {
+        if group.is_some() {
+            anyhow::bail!(
+                "recipe {}: DDPO trains on one process (its sampling rounds are not spread \
+                 over ranks yet); run it without torchrun / srun",
+                a.recipe.display()
+            );
+        }
+        Box::new(built.into_ddpo_task()?)
+    } else {
+        let mut task = built.into_task()?;
+        if let Some(g) = &group {
+            task.join_ranks(g.clone())?;
+        }
+        Box::new(task)
+    };
     opts.collective = group;
     // Installed only now: until the first step there is nothing to save, and a signal while
     // the model loads should end the process at once, as it always has.
     let signals = super::signals::stop_on_signals()?;
     opts.stop = Some(signals.flag());
-    let s = train(&train_cfg, &logging, opts, &mut task)
+    let s = train(&train_cfg, &logging, opts, task.as_mut())
         .with_context(|| format!("training into {}", run_dir.display()))?;
     drop(signals);
     if let Some(p) = &s.preempted {

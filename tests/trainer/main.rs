@@ -3,6 +3,7 @@
 //! test binary (each binary links libtorch and the
 //! workspace again, which CI pays for in build time).
 mod data_parallel;
+mod ddpo_cli;
 mod preempt_cli;
 mod run_lock_cli;
 mod train_cli;
