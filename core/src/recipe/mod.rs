@@ -333,6 +333,10 @@ fn check_objective(r: &Recipe, o: &dyn ObjectiveSpec) -> Result<()> {
 pub fn training_notes(loaded: &LoadedRecipe) -> Vec<String> {
     let r = &loaded.recipe;
     let mut notes = Vec::new();
+    if r.ddpo.is_some() {
+        // DDPO samples its own data: neither table belongs in its recipe.
+        return notes;
+    }
     if r.data.is_none() {
         notes.push(format!(
             "recipe {}: no [data] table: `softalign train` needs one (e.g. type = \"coco\" or \
