@@ -31,5 +31,12 @@ for t in "${targets[@]}"; do
         failed=1
     fi
 done
+if [ -z "$target" ]; then
+    # The slow checks kept out of the suite (the largest image allowed, decoded in bounded time).
+    if ! cargo test --test codecs -q fuzz::hostile -- --ignored >"$log" 2>&1; then
+        cat "$log"
+        failed=1
+    fi
+fi
 rm -f "$log"
 exit "$failed"

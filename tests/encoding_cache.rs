@@ -133,8 +133,10 @@ fn cache_resume_refuse_and_train() {
         use std::os::unix::process::CommandExt;
         let limit = (4 * rb) as libc::rlim_t;
         let mut c = Command::new(env!("CARGO_BIN_EXE_softalign"));
-        c.args(["cache", "--quiet", "--batch", "3", "--set", &set, "--recipe"])
-            .arg(&recipe);
+        c.args([
+            "cache", "--quiet", "--batch", "3", "--set", &set, "--recipe",
+        ])
+        .arg(&recipe);
         // SAFETY: signal and setrlimit are async-signal-safe.
         unsafe {
             c.pre_exec(move || {
@@ -160,10 +162,19 @@ fn cache_resume_refuse_and_train() {
         std::fs::read_to_string(full.join("progress.json")).unwrap(),
         r#"{"records":3}"#
     );
-    assert_eq!(std::fs::read(full.join("records.bin")).unwrap(), &records[..3 * rb]);
-    let out = softalign(&["cache", "--quiet", "--batch", "3", "--set", &set], &recipe);
+    assert_eq!(
+        std::fs::read(full.join("records.bin")).unwrap(),
+        &records[..3 * rb]
+    );
+    let out = softalign(
+        &["cache", "--quiet", "--batch", "3", "--set", &set],
+        &recipe,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.contains("resumed at 3"), "{stderr}");
+    assert!(
+        out.status.success() && stderr.contains("resumed at 3"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read(full.join("records.bin")).unwrap(), records);
 
     // Two ranks (launched as torchrun's env:// does) cache the same records: first resuming

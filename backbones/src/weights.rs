@@ -122,9 +122,12 @@ fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
         .ok_or_else(|| Error::file(index, "no `weight_map` object"))?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::file(index, format!("field `weight_map.{name}`: expected a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::file(
+                index,
+                format!("field `weight_map.{name}`: expected a file name"),
+            )
+        })?;
         // A shard is a file beside the index: a name reaching elsewhere (`../`, `/etc/...`) is
         // no download's.
         let plain = Path::new(file)

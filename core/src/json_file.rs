@@ -148,11 +148,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tokenizer.json");
         // Sparse: claims 4 GiB, occupies nothing.
-        std::fs::File::create(&p)
-            .unwrap()
-            .set_len(4 << 30)
-            .unwrap();
+        std::fs::File::create(&p).unwrap().set_len(4 << 30).unwrap();
         let err = read_text(&p, MAX_TOKENIZER_BYTES).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("4294967296 bytes"), "{err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("4294967296 bytes"),
+            "{err}"
+        );
     }
 }

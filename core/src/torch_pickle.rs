@@ -282,7 +282,9 @@ impl<'a> Machine<'a> {
                     P::TUPLE2 => 2,
                     _ => 3,
                 };
-                let mut v = (0..n).map(|_| self.pop()).collect::<anyhow::Result<Vec<_>>>()?;
+                let mut v = (0..n)
+                    .map(|_| self.pop())
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 v.reverse();
                 self.push_with(What::Tuple, v);
             }
@@ -326,7 +328,9 @@ impl<'a> Machine<'a> {
                     .extend(v.chunks(2).map(|p| (p[0], p[1])));
             }
             P::PUT(s) => {
-                let mid = s.parse().context("PUT with a memo id that is not a number")?;
+                let mid = s
+                    .parse()
+                    .context("PUT with a memo id that is not a number")?;
                 self.memo.insert(mid, self.top()?);
             }
             P::BINPUT(mid) => {
@@ -340,7 +344,9 @@ impl<'a> Machine<'a> {
                 self.memo.insert(mid, self.top()?);
             }
             P::GET(s) => {
-                let mid = s.parse().context("GET with a memo id that is not a number")?;
+                let mid = s
+                    .parse()
+                    .context("GET with a memo id that is not a number")?;
                 let id = self.memo_get(mid)?;
                 self.stack.push(Slot::Value(id));
             }
@@ -352,11 +358,8 @@ impl<'a> Machine<'a> {
                 let id = self.memo_get(mid)?;
                 self.stack.push(Slot::Value(id));
             }
-            other @ (P::EXT1(_)
-            | P::EXT2(_)
-            | P::EXT4(_)
-            | P::NEXT_BUFFER
-            | P::READONLY_BUFFER) => {
+            other
+            @ (P::EXT1(_) | P::EXT2(_) | P::EXT4(_) | P::NEXT_BUFFER | P::READONLY_BUFFER) => {
                 bail!("opcode {other:?} has no place in a tensor file")
             }
         }

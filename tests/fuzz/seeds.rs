@@ -10,7 +10,10 @@ pub fn safetensors() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("s.safetensors");
     let t = vec![
-        ("a.weight".to_string(), Tensor::from_slice(&[1f32, 2., 3., 4., 5., 6.]).view([2, 3])),
+        (
+            "a.weight".to_string(),
+            Tensor::from_slice(&[1f32, 2., 3., 4., 5., 6.]).view([2, 3]),
+        ),
         ("b".to_string(), Tensor::from_slice(&[7i64, 8])),
         ("c".to_string(), Tensor::from_slice(&[1u8, 0, 1, 1])),
     ];
@@ -34,7 +37,9 @@ pub fn pickle_with(rebuild: &str, shape: (u8, u8), stride: (u8, u8), offset: u8)
     p.extend_from_slice(b"\x80\x02}(X\x01\x00\x00\x00w");
     p.extend_from_slice(format!("c{rebuild}\n").as_bytes());
     p.extend_from_slice(b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ");
-    p.extend_from_slice(&[b'K', offset, b'K', shape.0, b'K', shape.1, 0x86, b'K', stride.0, b'K', stride.1, 0x86]);
+    p.extend_from_slice(&[
+        b'K', offset, b'K', shape.0, b'K', shape.1, 0x86, b'K', stride.0, b'K', stride.1, 0x86,
+    ]);
     p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtRu.");
     p
 }
@@ -70,9 +75,19 @@ pub fn torch_bin() -> Vec<u8> {
 /// A CLIP-style tokenizer.json: a tiny byte-level BPE with BOS / EOS.
 pub fn tokenizer_json() -> Vec<u8> {
     let mut vocab = serde_json::Map::new();
-    for (i, t) in ["<|startoftext|>", "<|endoftext|>", "a", "b", "c", "ab</w>", "a</w>", "b</w>", "c</w>"]
-        .iter()
-        .enumerate()
+    for (i, t) in [
+        "<|startoftext|>",
+        "<|endoftext|>",
+        "a",
+        "b",
+        "c",
+        "ab</w>",
+        "a</w>",
+        "b</w>",
+        "c</w>",
+    ]
+    .iter()
+    .enumerate()
     {
         vocab.insert(t.to_string(), i.into());
     }

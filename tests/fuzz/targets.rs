@@ -94,6 +94,7 @@ pub fn config(b: &[u8]) {
     let _ = ClipTextConfig::from_file(&p);
     let _ = T5Config::from_file(&p);
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
-        let _ = softalign_backbones::schedulers::ddim::DdimSpec::from_scheduler_config(Some(&v), 10);
+        let _ =
+            softalign_backbones::schedulers::ddim::DdimSpec::from_scheduler_config(Some(&v), 10);
     }
 }

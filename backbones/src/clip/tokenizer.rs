@@ -69,7 +69,9 @@ pub(crate) fn named_token(dir: &Path, key: &str) -> Result<Option<String>> {
             Some(other) => {
                 return Err(Error::file(
                     &path,
-                    format!("field `{key}`: expected a token (text or {{\"content\": ...}}), got {other}"),
+                    format!(
+                    "field `{key}`: expected a token (text or {{\"content\": ...}}), got {other}"
+                ),
                 ))
             }
         };
@@ -89,8 +91,12 @@ pub(crate) fn read_tokenizer_json(path: &Path) -> Result<Tokenizer> {
     // that still escapes is an error like any other.
     serde_json::from_str::<serde::de::IgnoredAny>(&text)
         .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
-    let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
-        .map_err(|_| Error::file(path, "not a tokenizers tokenizer.json (its reader panicked)"))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>()).map_err(|_| {
+        Error::file(
+            path,
+            "not a tokenizers tokenizer.json (its reader panicked)",
+        )
+    })?;
     parsed.map_err(|e| Error::file(path, format!("not a tokenizers tokenizer.json: {e}")))
 }
 

@@ -119,10 +119,9 @@ pub fn tokenizer_max_length(dir: &Path) -> Result<usize> {
     match json.get("model_max_length") {
         None | Some(serde_json::Value::Null) => Ok(77),
         // A float is transformers' "unknown" sentinel (1e30), as are absurd integers.
-        Some(serde_json::Value::Number(n)) => Ok(n
-            .as_u64()
-            .filter(|&n| n > 1 && n < 1 << 20)
-            .unwrap_or(77) as usize),
+        Some(serde_json::Value::Number(n)) => {
+            Ok(n.as_u64().filter(|&n| n > 1 && n < 1 << 20).unwrap_or(77) as usize)
+        }
         Some(other) => Err(Error::file(
             &path,
             format!("field `model_max_length`: expected a number, got {other}"),

@@ -234,7 +234,10 @@ impl ShapesConfig {
                 match v.get(PIXEL_SHIFT_KEY) {
                     None | Some(serde_json::Value::Null) => 0.0,
                     Some(x) => x.as_f64().ok_or_else(|| {
-                        Error::file(&index, format!("field `{PIXEL_SHIFT_KEY}`: expected a number"))
+                        Error::file(
+                            &index,
+                            format!("field `{PIXEL_SHIFT_KEY}`: expected a number"),
+                        )
                     })?,
                 }
             }

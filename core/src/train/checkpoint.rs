@@ -440,7 +440,8 @@ mod io_failure_tests {
     use std::os::unix::process::CommandExt;
 
     const CHILD: &str = "SOFTALIGN_TEST_FSIZE_CHILD";
-    const NAME: &str = "train::checkpoint::io_failure_tests::a_failed_write_keeps_the_previous_checkpoint";
+    const NAME: &str =
+        "train::checkpoint::io_failure_tests::a_failed_write_keeps_the_previous_checkpoint";
 
     fn contents(step: u64, params: &[(String, Tensor)]) -> CheckpointContents<'_> {
         CheckpointContents {
@@ -465,7 +466,10 @@ mod io_failure_tests {
     fn a_failed_write_keeps_the_previous_checkpoint() {
         if let Ok(run) = std::env::var(CHILD) {
             // The child: 1 MB of parameters under a 64 KiB file-size limit.
-            let big = vec![("p".to_string(), Tensor::zeros([1 << 18], tch::kind::FLOAT_CPU))];
+            let big = vec![(
+                "p".to_string(),
+                Tensor::zeros([1 << 18], tch::kind::FLOAT_CPU),
+            )];
             let err = write_checkpoint(Path::new(&run), &contents(4, &big), 3)
                 .unwrap_err()
                 .to_string();
@@ -494,7 +498,11 @@ mod io_failure_tests {
                 .unwrap()
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let err = stdout
             .lines()
             .find_map(|l| l.split_once("ERROR: ").map(|(_, e)| e))
