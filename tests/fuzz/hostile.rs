@@ -301,11 +301,7 @@ pub fn model_files() -> Vec<Case> {
             "a storage key that is a path",
             "storage-path.bin",
             torch_zip(
-                &seeds::pickle()
-                    .iter()
-                    .copied()
-                    .collect::<Vec<u8>>()
-                    .replace_once(b"X\x01\x00\x00\x000", b"X\x04\x00\x00\x00../0"),
+                &seeds::pickle().replace_once(b"X\x01\x00\x00\x000", b"X\x04\x00\x00\x00../0"),
                 &[("archive/data/0", six())],
             ),
             &["storage-path.bin", "is not a plain name"],
