@@ -2,6 +2,8 @@
 //! `softalign import-tokens`, against transformers 5.23.0 / diffusers 0.42.1 / torch on tiny
 //! random models written by `tests/python/codecs_*.py` (each run once per test binary).
 mod common;
+/// Fuzz targets and the hostile-file corpus (readers of untrusted bytes).
+mod fuzz;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -123,6 +123,60 @@ fn cache_resume_refuse_and_train() {
         "resumed cache differs from the straight one"
     );
 
+    // A write the OS refuses part-way (here EFBIG from a file-size limit, which root does not
+    // bypass; a full disk takes the same path): a clean error naming the file and the OS
+    // error, progress still at the complete chunks, and a rerun resumes to the same bytes.
+    let full = dir.path().join("cache-full");
+    let set = format!("data.path={}", full.display());
+    let rb = records.len() / 7;
+    let out = {
+        use std::os::unix::process::CommandExt;
+        let limit = (4 * rb) as libc::rlim_t;
+        let mut c = Command::new(env!("CARGO_BIN_EXE_softalign"));
+        c.args([
+            "cache", "--quiet", "--batch", "3", "--set", &set, "--recipe",
+        ])
+        .arg(&recipe);
+        // SAFETY: signal and setrlimit are async-signal-safe.
+        unsafe {
+            c.pre_exec(move || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c.output().unwrap()
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cache-full/records.bin"), "{stderr}");
+    assert!(stderr.contains("os error 27"), "{stderr}");
+    assert!(stderr.contains("keeps its 3 complete samples"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(full.join("progress.json")).unwrap(),
+        r#"{"records":3}"#
+    );
+    assert_eq!(
+        std::fs::read(full.join("records.bin")).unwrap(),
+        &records[..3 * rb]
+    );
+    let out = softalign(
+        &["cache", "--quiet", "--batch", "3", "--set", &set],
+        &recipe,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("resumed at 3"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(full.join("records.bin")).unwrap(), records);
+
     // Two ranks (launched as torchrun's env:// does) cache the same records: first resuming
     // the interrupted state (3 records and a torn chunk), then from nothing.
     std::fs::write(cache_dir.join("progress.json"), r#"{"records": 3}"#).unwrap();

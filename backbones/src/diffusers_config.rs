@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 
 /// Keys diffusers writes for its own bookkeeping; they carry no architecture.
 pub const BOOKKEEPING: &[&str] = &[
@@ -21,9 +21,9 @@ pub const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// `path` as a `T` of diffusers class `class`; errors name the file.
 pub fn read<T: DeserializeOwned>(path: &Path, class: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-    let mut map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(mut map) = json_file::read_value(path)? else {
+        return Err(Error::file(path, "not a JSON object"));
+    };
     if let Some(c) = map.get("_class_name").and_then(|c| c.as_str()) {
         if c != class {
             return Err(Error::file(
@@ -33,7 +33,7 @@ pub fn read<T: DeserializeOwned>(path: &Path, class: &str) -> Result<T> {
         }
     }
     map.retain(|k, _| !BOOKKEEPING.contains(&k.as_str()));
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| Error::file(path, e))
+    json_file::from_value(serde_json::Value::Object(map)).map_err(|e| Error::file(path, e))
 }
 
 /// The config.json diffusers would write for `cfg` of class `class`.

@@ -115,18 +115,30 @@ fn variant_files(dir: &Path, stem: &str) -> Vec<(String, Variant)> {
 
 /// The shard files an index's `weight_map` names.
 fn index_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::file(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(index, format!("not JSON: {e}")))?;
+    let json = softalign_core::json_file::read_value(index)?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| Error::file(index, "no `weight_map` object"))?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::file(index, format!("weight_map[`{name}`] is not a string")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::file(
+                index,
+                format!("field `weight_map.{name}`: expected a file name"),
+            )
+        })?;
+        // A shard is a file beside the index: a name reaching elsewhere (`../`, `/etc/...`) is
+        // no download's.
+        let plain = Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || file.is_empty() {
+            return Err(Error::file(
+                index,
+                format!("field `weight_map.{name}`: `{file}` is not a file name in this folder"),
+            ));
+        }
         let p = dir.join(file);
         if !files.contains(&p) {
             files.push(p);

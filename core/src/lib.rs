@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod detector;
 pub mod dtype;
 pub mod error;
+pub mod json_file;
 pub mod linear_site;
 pub mod logging;
 pub mod metrics;

@@ -242,12 +242,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         file_name.to_string_lossy(),
         std::process::id()
     ));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::file(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::file(&tmp, e))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A full disk leaves a partial temporary: removed, so the space is free again and no
+        // stray file is left beside the old content (which is untouched).
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::file(path, e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, e)
+    })
 }
 
 #[cfg(test)]

@@ -76,24 +76,19 @@ pub fn scheduler_config(dir: &Path) -> anyhow::Result<Option<serde_json::Value>>
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let json = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", path.display()))?;
-    Ok(Some(json))
+    Ok(Some(softalign_core::json_file::read_value(&path)?))
 }
 
 /// The backbone type of a model folder, from its `model_index.json`.
 pub fn detect_backbone(dir: &Path) -> anyhow::Result<String> {
     let index = dir.join("model_index.json");
-    let text = std::fs::read_to_string(&index).with_context(|| {
-        format!(
+    if !index.is_file() {
+        bail!(
             "{}: cannot tell the model type without model_index.json; pass --backbone",
             dir.display()
-        )
-    })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not valid JSON", index.display()))?;
+        );
+    }
+    let json = softalign_core::json_file::read_value(&index)?;
     if let Some(kind) = json.get("softalign_backbone").and_then(|v| v.as_str()) {
         return Ok(kind.to_string());
     }

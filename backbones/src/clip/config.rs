@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 
 /// The `model_type` transformers writes for a CLIP text tower.
 pub const MODEL_TYPE: &str = "clip_text_model";
@@ -203,10 +203,7 @@ impl ClipTextConfig {
     /// does not know is an error naming it, so a model variant it does not implement never loads
     /// silently.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
-        Self::from_json(json).map_err(|e| Error::file(path, e))
+        Self::from_json(json_file::read_value(path)?).map_err(|e| Error::file(path, e))
     }
 
     /// As [`Self::from_file`], from parsed JSON. A full `CLIPConfig` (text and vision) is read
@@ -235,7 +232,7 @@ impl ClipTextConfig {
                 "`eos_token_id` is a list; the CLIP text encoder pools at a single EOS id",
             ));
         }
-        let cfg: Self = serde_json::from_value(serde_json::Value::Object(map))
+        let cfg: Self = json_file::from_value(serde_json::Value::Object(map))
             .map_err(|e| Error::invalid(format!("CLIPTextConfig: {e}")))?;
         cfg.validate()?;
         Ok(cfg)

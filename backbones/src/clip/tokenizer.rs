@@ -5,7 +5,7 @@
 //! the word-level vocabulary built here for the shapes world) loads and saves unchanged.
 use std::path::Path;
 
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 use tch::{Device, Kind, Tensor};
 use tokenizers::{
     PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
@@ -53,21 +53,51 @@ pub(crate) fn named_token(dir: &Path, key: &str) -> Result<Option<String>> {
         if !path.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
+        let json = softalign_core::json_file::read_value(&path)?;
         let tok = match json.get(key) {
+            None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => {
-                o.get("content").and_then(|c| c.as_str()).map(String::from)
+            Some(serde_json::Value::Object(o)) => match o.get("content") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                _ => {
+                    return Err(Error::file(
+                        &path,
+                        format!("field `{key}.content`: expected the token's text"),
+                    ))
+                }
+            },
+            Some(other) => {
+                return Err(Error::file(
+                    &path,
+                    format!(
+                    "field `{key}`: expected a token (text or {{\"content\": ...}}), got {other}"
+                ),
+                ))
             }
-            _ => None,
         };
         if tok.is_some() {
             return Ok(tok);
         }
     }
     Ok(None)
+}
+
+/// A `tokenizers` tokenizer.json, refused unread when it is larger than any real one (shared
+/// by the CLIP and T5 tokenizers).
+pub(crate) fn read_tokenizer_json(path: &Path) -> Result<Tokenizer> {
+    let text = json_file::read_text(path, json_file::MAX_TOKENIZER_BYTES)?;
+    // tokenizers 0.23 panics (`expect("Helper")`) on a JSON syntax error inside `decoder`, as
+    // a truncated download has (a fuzz finding): the syntax is checked first, and a panic
+    // that still escapes is an error like any other.
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>()).map_err(|_| {
+        Error::file(
+            path,
+            "not a tokenizers tokenizer.json (its reader panicked)",
+        )
+    })?;
+    parsed.map_err(|e| Error::file(path, format!("not a tokenizers tokenizer.json: {e}")))
 }
 
 impl ClipTokenizer {
@@ -77,7 +107,7 @@ impl ClipTokenizer {
     /// openai/clip-vit-large-patch14 does.
     pub fn from_file(path: impl AsRef<Path>, max_length: usize) -> Result<Self> {
         let path = path.as_ref();
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::file(path, e))?;
+        let inner = read_tokenizer_json(path)?;
         let pad = match inner.get_padding() {
             Some(p) => Some(p.pad_token.clone()),
             None => match path.parent() {
@@ -311,10 +341,10 @@ impl ClipTokenizer {
 /// CLIP's byte-level BPE from vocab.json + merges.txt, with the normaliser, pre-tokenizer,
 /// post-processor and decoder transformers 5.23's `CLIPTokenizer` builds.
 fn bpe_from_files(vocab_path: &Path, merges_path: &Path) -> Result<Tokenizer> {
-    let text = std::fs::read_to_string(vocab_path).map_err(|e| Error::file(vocab_path, e))?;
+    let text = json_file::read_text(vocab_path, json_file::MAX_TOKENIZER_BYTES)?;
     let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
         .map_err(|e| Error::file(vocab_path, format!("not a JSON object of ids: {e}")))?;
-    let text = std::fs::read_to_string(merges_path).map_err(|e| Error::file(merges_path, e))?;
+    let text = json_file::read_text(merges_path, json_file::MAX_TOKENIZER_BYTES)?;
     let mut merges = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.trim().is_empty() {

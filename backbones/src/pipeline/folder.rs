@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 
 use super::content_digest::content_sha256;
 use crate::weights::weight_files;
@@ -21,9 +21,10 @@ impl PipelineFolder {
         if !path.is_file() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-        let index = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
+        let index = json_file::read_value(&path)?;
+        if !index.is_object() {
+            return Err(Error::file(&path, "not a JSON object"));
+        }
         Ok(Some(Self {
             root: root.to_path_buf(),
             index,
@@ -94,9 +95,16 @@ impl PipelineFolder {
     }
 
     /// A pipeline config value registered in model_index.json (e.g.
-    /// `force_zeros_for_empty_prompt`).
-    pub fn flag(&self, key: &str) -> Option<bool> {
-        self.index.get(key)?.as_bool()
+    /// `force_zeros_for_empty_prompt`); one that is not true or false is an error naming it.
+    pub fn flag(&self, key: &str) -> Result<Option<bool>> {
+        match self.index.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(Error::file(
+                self.root.join("model_index.json"),
+                format!("field `{key}`: expected true or false, got {other}"),
+            )),
+        }
     }
 }
 
@@ -107,14 +115,18 @@ pub fn tokenizer_max_length(dir: &Path) -> Result<usize> {
     if !path.is_file() {
         return Ok(77);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
-    Ok(json
-        .get("model_max_length")
-        .and_then(|v| v.as_u64())
-        .filter(|&n| n > 1 && n < 1 << 20)
-        .unwrap_or(77) as usize)
+    let json = json_file::read_value(&path)?;
+    match json.get("model_max_length") {
+        None | Some(serde_json::Value::Null) => Ok(77),
+        // A float is transformers' "unknown" sentinel (1e30), as are absurd integers.
+        Some(serde_json::Value::Number(n)) => {
+            Ok(n.as_u64().filter(|&n| n > 1 && n < 1 << 20).unwrap_or(77) as usize)
+        }
+        Some(other) => Err(Error::file(
+            &path,
+            format!("field `model_max_length`: expected a number, got {other}"),
+        )),
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<String> {

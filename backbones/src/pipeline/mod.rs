@@ -161,7 +161,7 @@ impl PipelineParts {
             latent_channels: vae_cfg.latent_channels,
             vae_scale_factor: image::scale_factor(&vae_cfg),
             zeros_for_empty_prompt: flavour == Flavour::Sdxl
-                && f.flag("force_zeros_for_empty_prompt").unwrap_or(true),
+                && f.flag("force_zeros_for_empty_prompt")?.unwrap_or(true),
             kind,
             fingerprint,
         })

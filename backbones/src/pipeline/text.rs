@@ -26,13 +26,17 @@ impl ClipBranch {
         let tokenizer = ClipTokenizer::from_folder(tok, tokenizer_max_length(tok)?)?;
         let encoder = TextEncoder::load(te, device, kind)?;
         let cfg = te.join("config.json");
-        let text = std::fs::read_to_string(&cfg).map_err(|e| Error::file(&cfg, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::file(&cfg, format!("not JSON: {e}")))?;
-        let use_attention_mask = json
-            .get("use_attention_mask")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let json = softalign_core::json_file::read_value(&cfg)?;
+        let use_attention_mask = match json.get("use_attention_mask") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(Error::file(
+                    &cfg,
+                    format!("field `use_attention_mask`: expected true or false, got {other}"),
+                ))
+            }
+        };
         Ok(Self {
             tokenizer,
             encoder,

@@ -7,7 +7,7 @@ use softalign_core::backbone::{Conditioning, Prediction};
 use softalign_core::plugin::SamplerSpec;
 use softalign_core::sampler::{check_finite, SampleRequest, Sampler, StochasticPolicy};
 use softalign_core::site::SiteHook;
-use softalign_core::{register_plugin, Error, Result};
+use softalign_core::{json_file, register_plugin, Error, Result};
 use tch::{Kind, Tensor};
 
 use super::ddpm::{BetaConfig, BetaSchedule};
@@ -115,7 +115,7 @@ impl DdimSpec {
             }
         }
         spec.insert("steps".into(), steps.into());
-        serde_json::from_value(spec.into()).map_err(|e| {
+        json_file::from_value(spec.into()).map_err(|e| {
             Error::invalid(format!(
                 "the model's scheduler_config.json does not make a DDIM schedule: {e}"
             ))

@@ -230,12 +230,14 @@ impl ShapesConfig {
         let index = dir.join("model_index.json");
         let pixel_shift = match std::fs::read_to_string(&index) {
             Ok(text) => {
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::file(&index, format!("not JSON: {e}")))?;
+                let v = softalign_core::json_file::parse_value(&index, &text)?;
                 match v.get(PIXEL_SHIFT_KEY) {
                     None | Some(serde_json::Value::Null) => 0.0,
                     Some(x) => x.as_f64().ok_or_else(|| {
-                        Error::file(&index, format!("`{PIXEL_SHIFT_KEY}` must be a number"))
+                        Error::file(
+                            &index,
+                            format!("field `{PIXEL_SHIFT_KEY}`: expected a number"),
+                        )
                     })?,
                 }
             }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 
 /// The `model_type` of a T5 (v1.0, v1.1, flan) checkpoint; `umt5` / `mt5` differ in layout.
 pub const MODEL_TYPE: &str = "t5";
@@ -81,15 +81,12 @@ impl T5Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
-        Self::from_json(json).map_err(|e| Error::file(path, e))
+        Self::from_json(json_file::read_value(path)?).map_err(|e| Error::file(path, e))
     }
 
     pub fn from_json(json: serde_json::Value) -> Result<Self> {
         let cfg: Self =
-            serde_json::from_value(json).map_err(|e| Error::invalid(format!("T5 config: {e}")))?;
+            json_file::from_value(json).map_err(|e| Error::invalid(format!("T5 config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }

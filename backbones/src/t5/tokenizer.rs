@@ -44,7 +44,7 @@ impl T5Tokenizer {
         if path.is_dir() {
             path = path.join("tokenizer.json");
         }
-        let inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, e))?;
+        let inner = crate::clip::tokenizer::read_tokenizer_json(&path)?;
         let pad = match inner.get_padding() {
             Some(p) => Some(p.pad_token.clone()),
             None => match path.parent() {

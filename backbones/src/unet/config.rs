@@ -15,7 +15,7 @@ pub const CROSS_ATTN_MID: &str = "UNetMidBlock2DCrossAttn";
 
 /// A value given once for all blocks or once per down block, as diffusers accepts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected one value or one per block (a list)")]
 pub enum PerBlock<T> {
     One(T),
     Each(Vec<T>),

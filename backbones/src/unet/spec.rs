@@ -83,20 +83,29 @@ pub(crate) fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Predi
     if !path.is_file() {
         return Ok((BetaConfig::default(), None));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not JSON: {e}")))?;
+    // The keys every scheduler class shares; the others belong to the sampler. A key of the
+    // wrong type is an error naming it (never a silent default).
+    #[derive(serde::Deserialize)]
+    struct Shared {
+        num_train_timesteps: Option<i64>,
+        beta_start: Option<f64>,
+        beta_end: Option<f64>,
+        beta_schedule: Option<String>,
+        rescale_betas_zero_snr: Option<bool>,
+        prediction_type: Option<String>,
+    }
+    let v: Shared = softalign_core::json_file::read(&path)?;
     let mut betas = BetaConfig::default();
-    if let Some(n) = v.get("num_train_timesteps").and_then(|x| x.as_i64()) {
+    if let Some(n) = v.num_train_timesteps {
         betas.num_train_timesteps = n;
     }
-    if let Some(x) = v.get("beta_start").and_then(|x| x.as_f64()) {
+    if let Some(x) = v.beta_start {
         betas.beta_start = x;
     }
-    if let Some(x) = v.get("beta_end").and_then(|x| x.as_f64()) {
+    if let Some(x) = v.beta_end {
         betas.beta_end = x;
     }
-    match v.get("beta_schedule").and_then(|x| x.as_str()) {
+    match v.beta_schedule.as_deref() {
         None | Some("scaled_linear") => {}
         Some("linear") => betas.beta_schedule = BetaSchedule::Linear,
         Some(o) => {
@@ -106,17 +115,10 @@ pub(crate) fn scheduler_settings(dir: &Path) -> Result<(BetaConfig, Option<Predi
             ))
         }
     }
-    match v.get("rescale_betas_zero_snr") {
-        None | Some(serde_json::Value::Null) => {}
-        Some(serde_json::Value::Bool(b)) => betas.rescale_betas_zero_snr = *b,
-        Some(o) => {
-            return Err(Error::file(
-                &path,
-                format!("`rescale_betas_zero_snr` must be true or false, got {o}"),
-            ))
-        }
+    if let Some(b) = v.rescale_betas_zero_snr {
+        betas.rescale_betas_zero_snr = b;
     }
-    let pred = match v.get("prediction_type").and_then(|x| x.as_str()) {
+    let pred = match v.prediction_type.as_deref() {
         None => None,
         Some("epsilon") => Some(Prediction::Epsilon),
         Some("v_prediction") => Some(Prediction::VPrediction),

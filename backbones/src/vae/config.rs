@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use softalign_core::{Error, Result};
+use softalign_core::{json_file, Error, Result};
 
 pub const CLASS_NAME: &str = "AutoencoderKL";
 
@@ -59,10 +59,7 @@ impl Default for VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not JSON: {e}")))?;
-        Self::from_json(json).map_err(|e| Error::file(path, e))
+        Self::from_json(json_file::read_value(path)?).map_err(|e| Error::file(path, e))
     }
 
     /// Parses a config object; diffusers' bookkeeping keys (`_class_name`, `_diffusers_version`,
@@ -79,7 +76,7 @@ impl VaeConfig {
             }
         }
         map.retain(|k, _| !k.starts_with('_'));
-        let cfg: Self = serde_json::from_value(serde_json::Value::Object(map))
+        let cfg: Self = json_file::from_value(serde_json::Value::Object(map))
             .map_err(|e| Error::invalid(format!("AutoencoderKL config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)

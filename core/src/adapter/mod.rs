@@ -272,7 +272,11 @@ pub fn open_adapter_file<S: serde::de::DeserializeOwned>(
         ));
     }
     let spec = serde_json::from_str(get("spec")?)
-        .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))?;
+        .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))
+        .and_then(|v| {
+            crate::json_file::from_value(v)
+                .map_err(|e| Error::file(path, format!("metadata `spec`: {e}")))
+        })?;
     Ok((file, spec))
 }
 

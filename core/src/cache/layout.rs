@@ -100,8 +100,7 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST);
-        let text = std::fs::read(&p).map_err(|e| Error::file(&p, e))?;
-        let m: Manifest = serde_json::from_slice(&text)
+        let m: Manifest = crate::json_file::from_value(crate::json_file::read_value(&p)?)
             .map_err(|e| Error::file(&p, format!("not an encoding-cache manifest: {e}")))?;
         if m.format != FORMAT {
             return Err(Error::file(
@@ -162,8 +161,7 @@ impl Written {
         if !p.exists() {
             return Ok(None);
         }
-        let text = std::fs::read(&p).map_err(|e| Error::file(&p, e))?;
-        serde_json::from_slice(&text)
+        crate::json_file::from_value(crate::json_file::read_value(&p)?)
             .map(Some)
             .map_err(|e| Error::file(&p, format!("unreadable progress: {e}")))
     }

@@ -221,13 +221,22 @@ pub(super) fn write_records(
         }
         let m = manifest.as_ref().expect("set above");
         let bytes = interleave(m, &chunk, end - at)?;
-        file.write_all(&bytes)
-            .and_then(|_| file.sync_data())
-            .map_err(|e| Error::file(&records_path, e))?;
+        let counted = at - range.start;
+        // A failed write (a full disk, an I/O error) leaves the progress file at the chunks
+        // before it; the partial chunk is cut off now, freeing its space (a resumed run would
+        // drop it too), and the error says where a rerun resumes.
+        let resumes = |e: &dyn std::fmt::Display| {
+            format!("{e} (the cache keeps its {counted} complete samples; rerunning `softalign cache` resumes from there)")
+        };
+        if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
+            let _ = file.set_len((m.record_bytes * counted) as u64);
+            return Err(Error::file(&records_path, resumes(&e)));
+        }
         Written {
             records: end - range.start,
         }
-        .write(dir)?;
+        .write(dir)
+        .map_err(|e| Error::invalid(resumes(&e)))?;
         bar.advance(
             (end - range.start) as u64,
             &format!("{} unreadable", unreadable),

@@ -159,19 +159,47 @@ fn fsync_dir(dir: &Path) {
 
 /// Writes a checkpoint for `contents.state.step`, points `latest` at it and deletes all but
 /// the newest `keep` checkpoints. Returns the new folder.
+///
+/// A write that fails (a full disk, an I/O error, a read-only folder) leaves the previous
+/// checkpoint and `latest` as they were, removes what it had written, and returns an error
+/// naming the file, the OS error and the checkpoint `latest` still names.
 pub fn write_checkpoint(
     run_dir: &Path,
     contents: &CheckpointContents<'_>,
     keep: usize,
 ) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
-    std::fs::create_dir_all(&root).map_err(io(&root))?;
-    let name = step_dir_name(contents.state.step);
+    let step = contents.state.step;
+    let previous = latest(run_dir).ok().flatten();
+    let not_written = |e: Error| not_written(e, step, previous.as_deref());
+    std::fs::create_dir_all(&root)
+        .map_err(io(&root))
+        .map_err(not_written)?;
+    let name = step_dir_name(step);
     let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = write_folder(&tmp, contents) {
+        // What the failed write took (on a full disk, the space the next try needs) is freed
+        // now rather than by the next run's clean-up.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(not_written(e));
     }
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let final_dir = root.join(&name);
+    if let Err(e) = publish(&root, &tmp, &final_dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(not_written(e));
+    }
+    set_latest(&root, &name).map_err(not_written)?;
+    fsync_dir(&root);
+    rotate(run_dir, keep, step)?;
+    Ok(final_dir)
+}
+
+/// Every file of a checkpoint, into the temporary folder `tmp`.
+fn write_folder(tmp: &Path, contents: &CheckpointContents<'_>) -> Result<()> {
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(io(tmp))?;
+    }
+    std::fs::create_dir(tmp).map_err(io(tmp))?;
     save(&tmp.join(PARAMS_FILE), contents.params)?;
     save(&tmp.join(OPTIMIZER_FILE), &contents.optimizer)?;
     save(&tmp.join(EXTRA_FILE), &contents.extra)?;
@@ -181,21 +209,42 @@ pub fn write_checkpoint(
     let json = serde_json::to_vec_pretty(&contents.state)
         .map_err(|e| Error::file(tmp.join(STATE_FILE), e))?;
     crate::tensors::write_atomic(&tmp.join(STATE_FILE), &json)?;
-    fsync_dir(&tmp);
+    fsync_dir(tmp);
+    Ok(())
+}
 
-    let final_dir = root.join(&name);
-    if final_dir.exists() {
-        // A run killed between this rename and the `latest` swap left a complete folder for
-        // this step; the resumed run recomputed it (identically) and replaces it.
-        let trash = root.join(format!(".trash-{name}-{}", std::process::id()));
-        std::fs::rename(&final_dir, &trash).map_err(io(&final_dir))?;
-        std::fs::remove_dir_all(&trash).map_err(io(&trash))?;
+/// Renames the complete folder `tmp` to `final_dir`.
+fn publish(root: &Path, tmp: &Path, final_dir: &Path) -> Result<()> {
+    if !final_dir.exists() {
+        return std::fs::rename(tmp, final_dir).map_err(io(final_dir));
     }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
-    set_latest(&root, &name)?;
-    fsync_dir(&root);
-    rotate(run_dir, keep, contents.state.step)?;
-    Ok(final_dir)
+    // A run killed between this rename and the `latest` swap left a complete folder for this
+    // step; the resumed run recomputed it (identically) and replaces it. It is set aside
+    // until the new one is in place, and put back if that fails.
+    let name = final_dir.file_name().unwrap_or_default().to_string_lossy();
+    let trash = root.join(format!(".trash-{name}-{}", std::process::id()));
+    std::fs::rename(final_dir, &trash).map_err(io(final_dir))?;
+    if let Err(e) = std::fs::rename(tmp, final_dir) {
+        let _ = std::fs::rename(&trash, final_dir);
+        return Err(Error::file(final_dir, e));
+    }
+    std::fs::remove_dir_all(&trash).map_err(io(&trash))
+}
+
+/// `e`, saying that checkpoint `step` was not written and which one `latest` still names.
+fn not_written(e: Error, step: u64, previous: Option<&Path>) -> Error {
+    let kept = match previous.and_then(Path::file_name) {
+        Some(p) => format!("`latest` still names {}", p.to_string_lossy()),
+        None => "the run has no earlier checkpoint".to_string(),
+    };
+    let note = format!("checkpoint step {step} was not written; {kept}");
+    match e {
+        Error::File { path, msg } => Error::File {
+            path,
+            msg: format!("{msg} ({note})"),
+        },
+        other => Error::Invalid(format!("{other} ({note})")),
+    }
 }
 
 fn set_latest(root: &Path, name: &str) -> Result<()> {
@@ -284,9 +333,7 @@ fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 /// Reads a whole checkpoint folder (tensors on the CPU).
 pub fn read_checkpoint(dir: &Path) -> Result<LoadedCheckpoint> {
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
-    let state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| Error::file(&state_path, e))?;
+    let state: CheckpointState = crate::json_file::read(&state_path)?;
     let ema_path = dir.join(EMA_FILE);
     let params_path = dir.join(PARAMS_FILE);
     if !params_path.is_file() {
@@ -380,5 +427,99 @@ mod tests {
         assert!(list_checkpoints(run.path()).unwrap().is_empty());
         remove_partial(run.path()).unwrap();
         assert!(!root.join(".tmp-step-00000004-123").exists());
+    }
+}
+
+/// A real I/O failure, not a simulated one: the write runs in a child process whose file-size
+/// limit (RLIMIT_FSIZE) makes the kernel refuse it with EFBIG, which root privileges do not
+/// bypass (unlike a read-only folder), with SIGXFSZ ignored so that the write returns the
+/// error instead of killing the process. The same paths run on ENOSPC and EIO.
+#[cfg(all(test, unix))]
+mod io_failure_tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    const CHILD: &str = "SOFTALIGN_TEST_FSIZE_CHILD";
+    const NAME: &str =
+        "train::checkpoint::io_failure_tests::a_failed_write_keeps_the_previous_checkpoint";
+
+    fn contents(step: u64, params: &[(String, Tensor)]) -> CheckpointContents<'_> {
+        CheckpointContents {
+            state: CheckpointState {
+                world_size: 1,
+                micro_batches_per_step: Some(1),
+                step,
+                seed: 1,
+                bad_steps_in_row: 0,
+                skipped_steps: 0,
+                recipe_hash: "h".into(),
+                softalign_version: "0".into(),
+            },
+            params,
+            optimizer: vec![],
+            extra: vec![],
+            ema: Some(params),
+        }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_previous_checkpoint() {
+        if let Ok(run) = std::env::var(CHILD) {
+            // The child: 1 MB of parameters under a 64 KiB file-size limit.
+            let big = vec![(
+                "p".to_string(),
+                Tensor::zeros([1 << 18], tch::kind::FLOAT_CPU),
+            )];
+            let err = write_checkpoint(Path::new(&run), &contents(4, &big), 3)
+                .unwrap_err()
+                .to_string();
+            println!("ERROR: {err}");
+            return;
+        }
+        let run = tempfile::tempdir().unwrap();
+        let small = vec![("p".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0]))];
+        write_checkpoint(run.path(), &contents(2, &small), 3).unwrap();
+        let out = unsafe {
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, run.path())
+                .pre_exec(|| {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let lim = libc::rlimit {
+                        rlim_cur: 64 << 10,
+                        rlim_max: 64 << 10,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+                .output()
+                .unwrap()
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = stdout
+            .lines()
+            .find_map(|l| l.split_once("ERROR: ").map(|(_, e)| e))
+            .unwrap_or_else(|| panic!("the child wrote no error: {stdout}"));
+        // The file, the OS error, and what is still there.
+        assert!(err.contains(PARAMS_FILE), "{err}");
+        assert!(err.contains("os error 27"), "{err}");
+        assert!(err.contains("checkpoint step 4 was not written"), "{err}");
+        assert!(err.contains("`latest` still names step-00000002"), "{err}");
+        // The previous checkpoint is `latest`, loads, and nothing of the failed one is left.
+        let back = read_checkpoint(&resolve(run.path(), &ResumeFrom::Latest).unwrap()).unwrap();
+        assert_eq!(back.state.step, 2);
+        assert!(back.params["p"].equal(&small[0].1));
+        let names: Vec<String> = std::fs::read_dir(checkpoints_dir(run.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -78,17 +78,16 @@ struct Raw {
     file: PathBuf,
     tensors: BTreeMap<String, Tensor>,
     metadata: HashMap<String, String>,
-    /// adapter_config.json of a PEFT folder.
-    peft_config: Option<serde_json::Value>,
+    /// The LoRA settings of a PEFT folder's adapter_config.json.
+    peft_config: Option<Settings>,
 }
 
 fn open(path: &Path) -> Result<Raw> {
     if path.is_dir() {
         let cfg = path.join("adapter_config.json");
         if cfg.is_file() {
-            let text = std::fs::read_to_string(&cfg).map_err(|e| Error::file(&cfg, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::file(&cfg, format!("not valid JSON: {e}")))?;
+            let settings = Settings::from_json(crate::json_file::read_value(&cfg)?)
+                .map_err(|e| Error::file(&cfg, e))?;
             let weights = ["adapter_model.safetensors", "adapter_model.bin"]
                 .iter()
                 .map(|n| path.join(n))
@@ -100,7 +99,7 @@ fn open(path: &Path) -> Result<Raw> {
                     )
                 })?;
             let mut raw = open_file(&weights)?;
-            raw.peft_config = Some(json);
+            raw.peft_config = Some(settings);
             return Ok(raw);
         }
         for n in [
@@ -276,25 +275,27 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_json(v: &serde_json::Value) -> Self {
-        Self {
-            alpha: v.get("lora_alpha").and_then(|a| a.as_f64()),
-            rslora: v
-                .get("use_rslora")
-                .and_then(|a| a.as_bool())
-                .unwrap_or(false),
-            alpha_pattern: v
-                .get("alpha_pattern")
-                .and_then(|p| p.as_object())
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(k, v)| {
-                            Some((k.trim_start_matches('^').to_string(), v.as_f64()?))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+    /// The keys that decide a scale; a PEFT config's other keys (task type, target modules,
+    /// ...) are not read. One of the wrong type is an error naming it, never a silent scale
+    /// of 1.
+    fn from_json(v: serde_json::Value) -> Result<Self, crate::json_file::FieldError> {
+        #[derive(serde::Deserialize)]
+        struct Keys {
+            lora_alpha: Option<f64>,
+            use_rslora: Option<bool>,
+            alpha_pattern: Option<BTreeMap<String, f64>>,
         }
+        let k: Keys = crate::json_file::from_value(v)?;
+        Ok(Self {
+            alpha: k.lora_alpha,
+            rslora: k.use_rslora.unwrap_or(false),
+            alpha_pattern: k
+                .alpha_pattern
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k.trim_start_matches('^').to_string(), v))
+                .collect(),
+        })
     }
     fn scale(&self, path: &str, rank: i64) -> f64 {
         let alpha = self
@@ -339,7 +340,9 @@ fn metadata_settings(
             mine.entry(k.clone()).or_insert(val.clone());
         }
     }
-    Ok(Some(Settings::from_json(&serde_json::Value::Object(mine))))
+    Settings::from_json(serde_json::Value::Object(mine))
+        .map(Some)
+        .map_err(|e| Error::file(file, format!("header `lora_adapter_metadata`: {e}")))
 }
 
 fn diffusers_entries(file: &Path, raw: Raw, ctx: &ReadContext) -> Result<Vec<LoraEntry>> {
@@ -370,7 +373,7 @@ fn diffusers_entries(file: &Path, raw: Raw, ctx: &ReadContext) -> Result<Vec<Lor
             _ => p.magnitude = Some(t),
         }
     }
-    let peft = raw.peft_config.as_ref().map(Settings::from_json);
+    let peft = raw.peft_config.as_ref();
     let mut out = Vec::new();
     for ((component, path), p) in parts {
         let (key, down) = p.down.ok_or_else(|| {

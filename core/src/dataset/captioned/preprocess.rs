@@ -11,15 +11,50 @@ use crate::{Error, Result};
 /// Decodes the file at `path` (any format the `image` crate reads: JPEG, PNG, ...) and crops it
 /// to `size` x `size`. Errors name the file.
 pub fn load_square(path: &Path, size: u32) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::file(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::file(path, e))?
-        .decode()
-        .map_err(|e| Error::file(path, format!("cannot decode: {e}")))?;
+    let reader = image::ImageReader::open(path).map_err(|e| Error::file(path, e))?;
+    decode_square(reader, size).map_err(|e| Error::file(path, e))
+}
+
+/// The largest side decoded, and the most bytes a decoded image may take: a header may claim
+/// anything, the decoder allocates what it claims before reading a pixel, and a JPEG whose
+/// data stops early still decodes (the rest grey), so a 600-byte file can claim a 16384 x
+/// 16384 image that then takes a minute to resize (a fuzz finding). 8192 px holds an 8K
+/// photo.
+pub const MAX_SIDE: u32 = 8192;
+pub const MAX_DECODED_BYTES: u64 = 256 << 20;
+/// The largest ratio of the longer to the shorter side: the shorter side is resized to the
+/// training resolution first, so a 1 x 16384 image would become a 512 x 8M one.
+pub const MAX_ASPECT: u32 = 64;
+
+/// [`load_square`] on an image reader (a file, or bytes in memory).
+pub fn decode_square<R: std::io::BufRead + std::io::Seek>(
+    reader: image::ImageReader<R>,
+    size: u32,
+) -> std::result::Result<RgbImage, String> {
+    let mut reader = reader.with_guessed_format().map_err(|e| e.to_string())?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => format!(
+            "cannot decode: larger than softalign decodes (at most {MAX_SIDE} px a side and \
+             {} MiB decoded); downscale it first",
+            MAX_DECODED_BYTES >> 20
+        ),
+        e => format!("cannot decode: {e}"),
+    })?;
     let rgb = img.to_rgb8();
-    if rgb.width() == 0 || rgb.height() == 0 {
-        return Err(Error::file(path, "image has no pixels"));
+    let (w, h) = rgb.dimensions();
+    if w == 0 || h == 0 {
+        return Err("image has no pixels".into());
+    }
+    if w.max(h) / w.min(h) > MAX_ASPECT {
+        return Err(format!(
+            "image is {w} x {h}: an aspect ratio over {MAX_ASPECT} leaves almost nothing after \
+             the centre crop"
+        ));
     }
     Ok(resize_center_crop(&rgb, size))
 }
