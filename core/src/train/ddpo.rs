@@ -90,14 +90,15 @@ impl DdpoConfig {
                 self.timestep_fraction
             ));
         }
-        if !(self.clip_range > 0.0) || !(self.adv_clip_max > 0.0) {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if !positive(self.clip_range) || !positive(self.adv_clip_max) {
             return bad("`clip_range` and `adv_clip_max` must be positive".into());
         }
         if self.buffer_size == 0 {
             return bad("`buffer_size` must be at least 1".into());
         }
         let per_step = images_per_step.max(0) as usize * grad_accum as usize;
-        if per_step == 0 || self.samples_per_round % per_step != 0 {
+        if per_step == 0 || !self.samples_per_round.is_multiple_of(per_step) {
             return bad(format!(
                 "`samples_per_round` = {} must be a multiple of train.images_per_step x \
                  train.grad_accum = {per_step}: each optimizer step trains that many \
