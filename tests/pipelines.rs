@@ -729,6 +729,36 @@ fn sampling_settings_and_their_checks() {
     ]);
     let img = image::open(d.join("s3/0000-00.png")).unwrap();
     assert_eq!((img.width(), img.height()), (16, 24));
+    // `--unet` swaps the folder's UNet for another folder's (Diffusion-DPO's release form):
+    // its own unet/ folder gives the same image bit for bit; other backbones refuse it.
+    let unet = folder.join("unet");
+    run(&[
+        "--model",
+        model,
+        "--steps",
+        "1",
+        "--height",
+        "24",
+        "--unet",
+        unet.to_str().unwrap(),
+        "--out",
+        "s3u",
+    ]);
+    let same = image::open(d.join("s3u/0000-00.png")).unwrap();
+    assert_eq!(img.to_rgb8().into_raw(), same.to_rgb8().into_raw());
+    let shapes = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/shapes-unet");
+    let e = fails(&[
+        "--model",
+        shapes.to_str().unwrap(),
+        "--unet",
+        unet.to_str().unwrap(),
+        "--out",
+        "s3s",
+    ]);
+    assert!(
+        e.contains("--unet replaces the UNet of an SD1.5 / SDXL folder"),
+        "{e}"
+    );
 
     for g in ["-1", "nan", "inf"] {
         let flag = format!("--guidance={g}");

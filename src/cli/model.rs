@@ -46,6 +46,10 @@ pub struct ModelArgs {
     /// stacked in order, after the recipe's `[backbone] loras`).
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     pub loras: Vec<String>,
+    /// A UNet folder (`config.json` + weights) in place of `--model`'s own, for SD1.5 / SDXL
+    /// folders: how Diffusion-DPO releases its tuned models.
+    #[arg(long, requires = "model")]
+    pub unet: Option<PathBuf>,
 }
 
 /// Merges `--lora` files into a loaded backbone.
@@ -152,7 +156,18 @@ impl Model {
                     dtype_override: None,
                     empty_prompt: Default::default(),
                 };
-                let b = folder_spec(&kind, dir)?
+                let spec = match &a.unet {
+                    None => folder_spec(&kind, dir)?,
+                    Some(unet) if kind == "unet" => {
+                        let json = serde_json::json!({ "type": kind, "path": dir, "unet": unet });
+                        serde_json::from_value(json).context("--unet")?
+                    }
+                    Some(_) => bail!(
+                        "--unet replaces the UNet of an SD1.5 / SDXL folder; {} is a `{kind}` model",
+                        dir.display()
+                    ),
+                };
+                let b = spec
                     .build(&ctx)
                     .with_context(|| format!("loading the model {}", dir.display()))?;
                 (b, Some(dir.clone()))
