@@ -99,6 +99,26 @@ impl Conditioning {
                 .collect(),
         )
     }
+    /// `self`'s rows then `other`'s, tensor by tensor (the two guidance branches in one
+    /// forward); both must hold the same tensors.
+    pub fn cat(&self, other: &Conditioning) -> Result<Conditioning> {
+        let mut out = Conditioning::new();
+        for (k, va) in &self.0 {
+            let vb = other.0.get(k).ok_or_else(|| {
+                Error::tensor(
+                    k,
+                    "present in the unconditional but not the conditional input",
+                )
+            })?;
+            out = out.with(k, Tensor::cat(&[va, vb], 0));
+        }
+        if other.0.len() != self.0.len() {
+            return Err(Error::invalid(
+                "conditional and unconditional inputs hold different tensors",
+            ));
+        }
+        Ok(out)
+    }
     pub fn shallow_clone(&self) -> Conditioning {
         Conditioning(
             self.0

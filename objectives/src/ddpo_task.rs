@@ -187,7 +187,7 @@ impl DdpoTask {
         let uncond = self
             .null
             .index_select(&Tensor::zeros([b], (Kind::Int64, Device::Cpu)));
-        let both = cat_conditioning(&uncond, cond)?;
+        let both = uncond.cat(cond)?;
         let out = self.backbone.forward(
             &Tensor::cat(&[x, x], 0),
             &Tensor::cat(&[&t, &t], 0),
@@ -334,15 +334,6 @@ impl DdpoTask {
         }
         Ok((loss, kl, clipped))
     }
-}
-
-fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> {
-    let mut out = Conditioning::new();
-    for (k, va) in &a.0 {
-        let vb = b.get(k)?;
-        out = out.with(k, Tensor::cat(&[va, vb], 0));
-    }
-    Ok(out)
 }
 
 impl TrainTask for DdpoTask {

@@ -131,6 +131,21 @@ impl Built {
         Ok(b)
     }
 
+    /// The model folder the recipe's `[backbone] path` names, resolved.
+    pub fn model_folder(&self) -> Option<std::path::PathBuf> {
+        self.loaded
+            .json
+            .get("backbone")
+            .and_then(|b| b.get("path"))
+            .and_then(|p| p.as_str())
+            .map(|p| self.ctx.resolve(Path::new(p)))
+    }
+
+    /// The recipe's resolved `[sampler]` table, if it has one.
+    pub fn sampler_table(&self) -> Option<&serde_json::Value> {
+        self.loaded.json.get("sampler").filter(|v| !v.is_null())
+    }
+
     /// The trainer's task: the objectives on the recipe's `[data]`.
     pub fn into_task(self) -> anyhow::Result<ObjectiveTask> {
         let r = &self.loaded.recipe;

@@ -69,23 +69,15 @@ impl Built {
             .context("building the reward")?;
         let prompts = read_prompts(&config.prompts, &self.loaded.dir)
             .with_context(|| format!("recipe {path}: reading ddpo.prompts"))?;
-        let folder = self
-            .loaded
-            .json
-            .get("backbone")
-            .and_then(|b| b.get("path"))
-            .and_then(|p| p.as_str())
-            .map(|p| self.ctx.resolve(Path::new(p)));
-        let scheduler = match &folder {
-            Some(dir) => scheduler_config(dir)?,
+        let scheduler = match self.model_folder() {
+            Some(dir) => scheduler_config(&dir)?,
             None => None,
         };
-        let sampler_table = self.loaded.json.get("sampler").filter(|v| !v.is_null());
         let resolved = resolve(
             &GenSettings::default(),
             self.backbone.info().prediction,
             scheduler.as_ref(),
-            sampler_table,
+            self.sampler_table(),
         )
         .with_context(|| format!("recipe {path}: the DDPO sampler"))?;
         // The tokens of the first set (`positive` where there is one) in both branches, as

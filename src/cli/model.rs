@@ -174,19 +174,8 @@ impl Model {
             }
             (None, Some(recipe)) => {
                 let built = Built::new(recipe, &[], None, false)?;
-                let folder = built
-                    .loaded
-                    .json
-                    .get("backbone")
-                    .and_then(|b| b.get("path"))
-                    .and_then(|p| p.as_str())
-                    .map(|p| built.ctx.resolve(Path::new(p)));
-                recipe_sampler = built
-                    .loaded
-                    .json
-                    .get("sampler")
-                    .filter(|v| !v.is_null())
-                    .cloned();
+                let folder = built.model_folder();
+                recipe_sampler = built.sampler_table().cloned();
                 (built.backbone, folder)
             }
             _ => bail!("give a model: --model DIR or --recipe FILE"),

@@ -11,7 +11,6 @@ use softalign_core::{json_file, register_plugin, Error, Result};
 use tch::{Kind, Tensor};
 
 use super::ddpm::{BetaConfig, BetaSchedule};
-use super::flow_match_euler::cat_conditioning;
 
 /// diffusers' `timestep_spacing`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -386,7 +385,7 @@ impl Sampler for Ddim {
         let cfg = uncond.filter(|_| req.guidance.scale > 1.0);
         let batched = match cfg {
             Some(u) if req.guidance.cond_tokens == req.guidance.uncond_tokens => {
-                Some(cat_conditioning(u, req.cond)?)
+                Some(u.cat(req.cond)?)
             }
             _ => None,
         };

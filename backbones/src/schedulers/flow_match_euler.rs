@@ -2,7 +2,6 @@
 //! `flow_match_euler` sampler, with classifier-free guidance.
 use serde::{Deserialize, Serialize};
 use softalign_core::adapter::Injection;
-use softalign_core::backbone::Conditioning;
 use softalign_core::plugin::SamplerSpec;
 use softalign_core::sampler::{check_finite, SampleRequest, Sampler};
 use softalign_core::site::SiteHook;
@@ -122,25 +121,6 @@ pub struct FlowMatchEuler {
     pub schedule: Schedule,
 }
 
-pub fn cat_conditioning(a: &Conditioning, b: &Conditioning) -> Result<Conditioning> {
-    let mut out = Conditioning::new();
-    for (k, va) in &a.0 {
-        let vb = b.0.get(k).ok_or_else(|| {
-            Error::tensor(
-                k,
-                "present in the unconditional but not the conditional input",
-            )
-        })?;
-        out = out.with(k, Tensor::cat(&[va, vb], 0));
-    }
-    if b.0.len() != a.0.len() {
-        return Err(Error::invalid(
-            "conditional and unconditional inputs hold different tensors",
-        ));
-    }
-    Ok(out)
-}
-
 impl Sampler for FlowMatchEuler {
     fn name(&self) -> &str {
         "flow_match_euler"
@@ -167,7 +147,7 @@ impl Sampler for FlowMatchEuler {
         // diffusers pipeline does.
         let batched = match cfg {
             Some(u) if req.guidance.cond_tokens == req.guidance.uncond_tokens => {
-                Some(cat_conditioning(u, req.cond)?)
+                Some(u.cat(req.cond)?)
             }
             _ => None,
         };
